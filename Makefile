@@ -1,0 +1,22 @@
+# Two entry points: `make run` (set up, then run herd on the default checkpoint) and
+# `make test` (set up, then run the test suite). Both work on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PROMPT ?= Hello, who are you?
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# The CPU build of torch is pinned first so pip never resolves a multi-GB CUDA build.
+	$(VENV)/bin/pip install -q torch==2.13.0
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+run: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(VENV)/bin/herd generate "$(PROMPT)"
+
+test: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q
+
+.PHONY: install run test
