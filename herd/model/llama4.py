@@ -1,0 +1,164 @@
+"""The Llama 4 text decoder over one flat batch of tokens.
+
+Parameter names mirror the Hugging Face checkpoint (`layers.{i}.self_attn.q_proj.weight`, ...)
+with the `model.` / `language_model.model.` prefix removed, so loading is a rename.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from herd.config import TextConfig
+from herd.model.attention import AttentionMetadata, LayerKV, paged_attention
+from herd.model.layers import RMSNorm, SwiGLU, apply_rope_interleaved, rms_normalize, rope_cos_sin, rope_inv_freq
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.use_rope = cfg.uses_rope(layer)
+        self.use_qk_norm = cfg.use_qk_norm and self.use_rope
+        self.temperature_tuning = cfg.attn_temperature_tuning and not self.use_rope
+        self.chunk_size = cfg.attention_chunk_size if cfg.is_chunked(layer) else None
+        self.eps = cfg.rms_norm_eps
+        self.floor_scale = cfg.floor_scale
+        self.attn_scale = cfg.attn_scale
+        bias = cfg.attention_bias
+        d, h = cfg.head_dim, cfg.hidden_size
+        self.q_proj = nn.Linear(h, self.num_heads * d, bias=bias)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * d, h, bias=bias)
+
+    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata, kv: LayerKV):
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        if self.use_rope:
+            q = apply_rope_interleaved(q, *rope)
+            k = apply_rope_interleaved(k, *rope)
+        if self.use_qk_norm:
+            q = rms_normalize(q, self.eps)
+            k = rms_normalize(k, self.eps)
+        if self.temperature_tuning:
+            # NoPE layers sharpen attention as the position grows (arXiv 2501.19399).
+            pos = meta.positions.float()
+            scales = torch.log1p(torch.floor((pos + 1.0) / self.floor_scale)) * self.attn_scale + 1.0
+            q = (q * scales[:, None, None]).to(q.dtype)
+        out = paged_attention(q, k, v, kv, meta, self.head_dim**-0.5, self.chunk_size)
+        return self.o_proj(out.reshape(t, -1))
+
+
+class RoutedExperts(nn.Module):
+    """All routed experts of one MoE layer, stored fused as in bf16 checkpoints.
+
+    gate_up_proj: [experts, hidden, 2 * intermediate] (gate half first), down_proj:
+    [experts, intermediate, hidden]. Tokens are grouped by expert so that each expert runs
+    once per step on just its tokens.
+    """
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, hidden, 2 * intermediate))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, intermediate, hidden))
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """x [T, H]; expert_ids, scores [T, k] -> sum over k of expert(score * x), [T, H]."""
+        top_k = expert_ids.shape[1]
+        flat_experts = expert_ids.flatten()
+        order = torch.argsort(flat_experts, stable=True)
+        token_of = torch.arange(x.shape[0], device=x.device).repeat_interleave(top_k)[order]
+        # The router score scales the expert's input, not its output (Llama 4's choice).
+        routed_in = x[token_of] * scores.flatten()[order, None].to(x.dtype)
+        counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
+        out = torch.zeros_like(x)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            end = start + count
+            gate, up = (routed_in[start:end] @ self.gate_up_proj[expert]).chunk(2, dim=-1)
+            y = (up * F.silu(gate)) @ self.down_proj[expert]
+            out.index_add_(0, token_of[start:end], y)
+            start = end
+        return out
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.router = nn.Linear(cfg.hidden_size, cfg.num_local_experts, bias=False)
+        self.shared_expert = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        self.experts = RoutedExperts(cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.router(x)
+        top_logits, expert_ids = torch.topk(logits, self.top_k, dim=-1)
+        scores = torch.sigmoid(top_logits.float()).to(x.dtype)
+        return self.shared_expert(x) + self.experts(x, expert_ids, scores)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        self.self_attn = Attention(cfg, layer)
+        self.is_moe = cfg.is_moe(layer)
+        self.feed_forward = MoE(cfg) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size_mlp)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, rope, meta: AttentionMetadata, kv: LayerKV):
+        x = x + self.self_attn(self.input_layernorm(x), rope, meta, kv)
+        return x + self.feed_forward(self.post_attention_layernorm(x))
+
+
+class Llama4TextModel(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # Not a buffer: it is derived from the config, never loaded, and survives `to_empty`.
+        self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        meta: AttentionMetadata,
+        kv: list[LayerKV],
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids [T] (flat batch) -> final hidden states [T, hidden]."""
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        rope = rope_cos_sin(meta.positions, self.inv_freq)
+        for layer, layer_kv in zip(self.layers, kv):
+            x = layer(x, rope, meta, layer_kv)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+
+def kv_bytes_per_token(cfg: TextConfig, dtype_bytes: int) -> int:
+    """K and V of one token across all layers (before any chunked-window savings)."""
+    return cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2 * dtype_bytes
+
+
+def param_count(cfg: TextConfig) -> int:
+    model = torch.device("meta")
+    with model:
+        m = Llama4TextModel(cfg)
+    return sum(math.prod(p.shape) for p in m.parameters())
