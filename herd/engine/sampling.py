@@ -1,0 +1,151 @@
+"""Sampling parameters and the sampler: one batch of logits rows, each with its own parameters.
+
+Randomness is derived from (seed, output position) for seeded requests, never from a running
+generator, so a seeded request gives the same tokens whatever else shares its batch and after
+it is preempted and recomputed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int | None = None  # None: the checkpoint's default (generation_config.json)
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = -1  # -1 or 0: off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # multiplicative, as HF/Together
+    presence_penalty: float = 0.0  # additive, as OpenAI
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    seed: int | None = None
+    logprobs: int | None = None  # top-k logprobs per generated token (the sampled one always included)
+    n: int = 1
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.validate()
+
+    def validate(self) -> None:
+        def check(ok: bool, message: str):
+            if not ok:
+                raise ValueError(message)
+
+        check(self.max_tokens is None or self.max_tokens >= 1, "max_tokens must be at least 1")
+        check(self.temperature >= 0, "temperature must be >= 0")
+        check(0 < self.top_p <= 1, "top_p must be in (0, 1]")
+        check(self.top_k >= -1, "top_k must be -1 (off) or positive")
+        check(0 <= self.min_p <= 1, "min_p must be in [0, 1]")
+        check(self.repetition_penalty > 0, "repetition_penalty must be > 0")
+        check(-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]")
+        check(-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]")
+        check(self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]")
+        check(self.n >= 1, "n must be at least 1")
+        check(self.min_tokens >= 0, "min_tokens must be >= 0")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class SampleRow:
+    """What the sampler needs to know about one row of logits."""
+
+    params: SamplingParams
+    prompt_ids: list[int]
+    output_ids: list[int]
+    blocked_ids: list[int] = field(default_factory=list)  # e.g. stop tokens before min_tokens
+
+
+@dataclass
+class Sampled:
+    token_id: int
+    logprob: float
+    top_logprobs: dict[int, float] | None  # None unless asked for
+
+
+_SEED_MIX = 0x9E3779B97F4A7C15  # spreads (seed, position) over the 64-bit seed space
+
+
+def _row_generator(seed: int, position: int) -> torch.Generator:
+    g = torch.Generator(device="cpu")
+    g.manual_seed((seed * _SEED_MIX + position) % (2**63))
+    return g
+
+
+def apply_penalties(logits: torch.Tensor, row: SampleRow) -> torch.Tensor:
+    p = row.params
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(row.prompt_ids) | set(row.output_ids)), dtype=torch.long, device=logits.device)
+        if len(seen):
+            values = logits[seen]
+            logits[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and row.output_ids:
+        ids, counts = torch.tensor(row.output_ids, device=logits.device).unique(return_counts=True)
+        logits[ids] -= p.presence_penalty + p.frequency_penalty * counts.to(logits.dtype)
+    if p.logit_bias:
+        for token, bias in p.logit_bias.items():
+            if 0 <= int(token) < logits.shape[0]:
+                logits[int(token)] += float(bias)
+    if row.blocked_ids:
+        logits[torch.tensor(row.blocked_ids, device=logits.device)] = float("-inf")
+    return logits
+
+
+def _filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    probs = torch.softmax(logits / p.temperature, dim=-1)
+    if p.top_k > 0 and p.top_k < probs.shape[0]:
+        kth = torch.topk(probs, p.top_k).values[-1]
+        probs = torch.where(probs >= kth, probs, 0.0)
+    if p.min_p > 0:
+        probs = torch.where(probs >= p.min_p * probs.max(), probs, 0.0)
+    if p.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        before = torch.cumsum(sorted_probs, 0) - sorted_probs
+        # Keep the smallest set whose mass reaches top_p (the first token always stays).
+        keep_sorted = before < p.top_p * sorted_probs.sum()
+        keep = torch.zeros_like(keep_sorted).scatter(0, order, keep_sorted)
+        probs = torch.where(keep, probs, 0.0)
+    return probs / probs.sum()
+
+
+def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sampled]:
+    """logits [n, vocab] float32, one row per entry of `rows` -> one token per row."""
+    raw_logprobs = torch.log_softmax(logits, dim=-1)
+    results = []
+    for i, row in enumerate(rows):
+        p = row.params
+        adjusted = apply_penalties(logits[i].clone(), row)
+        if p.greedy:
+            token = int(torch.argmax(adjusted))
+        else:
+            probs = _filtered_probs(adjusted, p).cpu()
+            if p.seed is not None:
+                generator = _row_generator(p.seed, len(row.output_ids))
+            else:
+                generator = None
+            # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, one noise value per token.
+            noise = torch.empty_like(probs).exponential_(generator=generator)
+            token = int(torch.argmax(probs / noise))
+        top = None
+        if p.logprobs is not None:
+            top = {}
+            if p.logprobs > 0:
+                values, ids = torch.topk(raw_logprobs[i], p.logprobs)
+                top = {int(t): float(v) for t, v in zip(ids.tolist(), values.tolist())}
+            top[token] = float(raw_logprobs[i, token])
+        results.append(Sampled(token, float(raw_logprobs[i, token]), top))
+    return results
