@@ -238,3 +238,12 @@ def _bytes_to_unicode():
             table[b] = chr(256 + n)
             n += 1
     return table
+
+
+def test_incremental_invalid_bytes_mid_stream(tok):
+    # Lone continuation bytes can never complete: once real text follows they are emitted as
+    # U+FFFD, exactly as a full decode shows them.
+    ids = [_byte_token_id(tok, 0x80)] * 3 + tok.encode("abc") + [_byte_token_id(tok, 0xBF)] * 8 + tok.encode("z")
+    d, pieces, tail = _stream(tok, ids)
+    assert "".join(pieces) + tail == tok.decode(ids)
+    assert len(d._ids) <= 12
