@@ -68,8 +68,8 @@ class Tokenizer:
         self.eos_token_ids: list[int] = sorted(eos)
         self.chat_template = chat_template
 
-        # Control tokens: the added tokens flagged special. Longest first so that a token that
-        # contains another (e.g. `<|image|>` vs `<|image_start|>` don't, but in general) wins.
+        # Control tokens: the added tokens flagged special. The regex tries longer strings first,
+        # so a token whose text contains another token's text is matched whole.
         added = self._tok.get_added_tokens_decoder()
         self._special_ids = frozenset(i for i, t in added.items() if t.special)
         specials = sorted((added[i].content for i in self._special_ids), key=len, reverse=True)
