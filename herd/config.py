@@ -209,7 +209,7 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
         for key in ("tie_word_embeddings",):
             if key not in text and key in raw:
                 text[key] = raw[key]
-    elif model_type in ("llama4_text", None) and ("hidden_size" in raw or architectures):
+    elif model_type == "llama4_text" or (model_type is None and set(architectures) & TEXT_ARCHITECTURES):
         text = raw
         architecture = architectures[0] if architectures else "Llama4ForCausalLM"
     else:

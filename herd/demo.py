@@ -132,7 +132,12 @@ def _write_weights_and_config(out_dir: Path) -> None:
         image_token_index=200092,
     )
     torch.manual_seed(DEMO_SEED)
-    model = Llama4ForConditionalGeneration(config).to(torch.bfloat16)
+    model = Llama4ForConditionalGeneration(config)
+    # Cast parameters only: `model.to()` would also cast the vision tower's complex rotary
+    # buffer to a real dtype (it is not saved, but the cast warns).
+    for param in model.parameters():
+        param.data = param.data.to(torch.bfloat16)
+    model.config.dtype = torch.bfloat16
     model.config.text_config.max_position_embeddings = MAX_CONTEXT
     model.save_pretrained(out_dir)
     # save_pretrained also writes a generation_config.json; ours replaces it.
