@@ -1,10 +1,18 @@
-"""The engine (requests in, tokens out, one step at a time) and LLM, its offline front door."""
+"""The engine (requests in, tokens out, one step at a time), and its two front doors:
+LLM (offline, synchronous) and AsyncEngine (a background loop that serves the HTTP API).
+Both drive the same `Engine.step`: there is one generation path.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import itertools
 import json
-from dataclasses import dataclass, field
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,32 +21,15 @@ import torch
 from herd.checkpoint import load_text_model
 from herd.config import ModelConfig, load_config
 from herd.engine.kv_cache import KVBlockManager, KVCache
-from herd.engine.request import Request, Status
+from herd.engine.outputs import CompletionOutput, OutputTracker, RequestOutput
+from herd.engine.request import Request
 from herd.engine.runner import Runner
 from herd.engine.sampling import SamplingParams
 from herd.engine.scheduler import Scheduler
 from herd.model.attention import CHUNKED, GLOBAL
-from herd.tokenizer import IncrementalDetokenizer, Tokenizer
+from herd.tokenizer import Tokenizer
 
-
-@dataclass
-class CompletionOutput:
-    index: int
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None  # "stop" | "length" | None while running
-    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
-    logprobs: list[dict[int, float]] | None = None  # per token: token id -> logprob
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    prompt_token_ids: list[int]
-    outputs: list[CompletionOutput]
-    finished: bool
-    prompt: str | None = None
-    num_cached_tokens: int = 0
+__all__ = ["AsyncEngine", "CompletionOutput", "Engine", "EngineOptions", "LLM", "RequestOutput"]
 
 
 @dataclass
@@ -48,6 +39,20 @@ class EngineOptions:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # None: the model's max_position_embeddings
+    enable_prefix_caching: bool = True
+    gpu_memory_utilization: float = 0.9  # on CUDA, the share of free memory the KV cache may take
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_usage: float  # fraction of KV blocks in use
+    kv_blocks_total: int
+    kv_blocks_used: int
+    prefix_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_hits: int  # of which were found
+    num_preemptions: int
 
 
 def resolve_model_dir(model: str | Path | None) -> Path:
@@ -76,97 +81,184 @@ def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig, device: torch.d
         raise ValueError(f"unsupported dtype {dtype!r}: use auto, float32, bfloat16 or float16") from None
 
 
-def default_max_tokens(model_dir: Path) -> int | None:
+# generation_config.json field -> SamplingParams field
+_GENERATION_DEFAULTS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "max_new_tokens": "max_tokens",
+}
+
+
+def generation_defaults(model_dir: Path) -> dict[str, Any]:
+    """Sampling defaults the checkpoint ships (generation_config.json), in SamplingParams names."""
     path = model_dir / "generation_config.json"
-    if path.is_file():
-        try:
-            value = json.loads(path.read_text()).get("max_new_tokens")
-            return int(value) if value else None
-        except (json.JSONDecodeError, ValueError, TypeError):
-            return None
-    return None
+    try:
+        raw = json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError:
+        return {}
+    defaults = {ours: raw[theirs] for theirs, ours in _GENERATION_DEFAULTS.items() if raw.get(theirs) is not None}
+    if raw.get("do_sample") is False:
+        defaults["temperature"] = 0.0
+    return defaults
 
 
-@dataclass
-class _Track:
-    """Per-request output bookkeeping: incremental text and stop-string matching."""
+class _Group:
+    """One submitted request: its n parallel samples share the prompt."""
 
-    request: Request
-    detok: IncrementalDetokenizer
-    prompt: str | None
-    text: str = ""
-    logprobs: list[dict[int, float]] = field(default_factory=list)
+    def __init__(self, request_id: str, prompt_ids: list[int], prompt: str | None, trackers: list[OutputTracker]):
+        self.request_id = request_id
+        self.prompt_ids = prompt_ids
+        self.prompt = prompt
+        self.trackers = trackers
+
+    @property
+    def finished(self) -> bool:
+        return all(t.request.finished for t in self.trackers)
+
+    def output(self) -> RequestOutput:
+        first = self.trackers[0].request
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt_token_ids=self.prompt_ids,
+            prompt=self.prompt,
+            outputs=[t.output() for t in self.trackers],
+            finished=self.finished,
+            num_cached_tokens=first.num_cached_tokens,
+            prompt_logprobs=first.prompt_logprobs if first.params.prompt_logprobs is not None else None,
+        )
 
 
 class Engine:
     """Owns the model, the KV cache and the scheduler; `step()` advances every request once."""
 
-    def __init__(
-        self,
-        model_dir: Path,
-        config: ModelConfig,
-        tokenizer: Tokenizer,
-        model,
-        device: torch.device,
-        dtype: torch.dtype,
-        options: EngineOptions,
-    ):
+    def __init__(self, model_dir: Path, config: ModelConfig, tokenizer: Tokenizer, model, device, dtype, options):
+        self.model_dir = model_dir
         self.config = config
         self.tokenizer = tokenizer
         self.device = device
+        self.options = options
         text = config.text
         self.max_model_len = options.max_model_len or text.max_position_embeddings
-        self.default_max_tokens = default_max_tokens(model_dir)
+        self.generation_defaults = generation_defaults(model_dir)
+        if device.type == "cpu":
+            # Subnormal floats (common in random-weight models) make CPU matmuls 100x slower.
+            torch.set_flush_denormal(True)
         bs = options.block_size
-        tokens = options.kv_cache_tokens or max(4 * self.max_model_len, 16 * bs)
-        global_blocks = -(-tokens // bs)
+        global_blocks = -(-self._kv_cache_tokens(text, dtype, device) // bs)
         chunked_blocks = global_blocks
         if text.attention_chunk_size is not None:
             # A chunked layer holds at most the current chunk plus one step's tokens per sequence.
-            per_seq = text.attention_chunk_size // bs + 1
-            bound = options.max_num_seqs * (per_seq + 1) + options.max_num_batched_tokens // bs + 1
-            chunked_blocks = min(global_blocks, bound)
+            per_seq = text.attention_chunk_size // bs + 2
+            chunked_blocks = min(global_blocks, options.max_num_seqs * per_seq + options.max_num_batched_tokens // bs)
         self.cache = KVCache(text, {GLOBAL: global_blocks, CHUNKED: chunked_blocks}, bs, dtype, device)
-        self.blocks = KVBlockManager(self.cache, text.attention_chunk_size)
+        self.blocks = KVBlockManager(self.cache, text.attention_chunk_size, options.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, options.max_num_seqs, options.max_num_batched_tokens)
         self.runner = Runner(model, self.cache, device)
         self.eos_ids = set(tokenizer.eos_token_ids) | set(text.eos_token_id)
-        self._tracks: dict[str, _Track] = {}
+        self._groups: dict[str, _Group] = {}
+        self._group_of: dict[str, _Group] = {}  # sequence request id -> its group
         self._ids = itertools.count()
 
+    def _kv_cache_tokens(self, text, dtype, device) -> int:
+        if self.options.kv_cache_tokens:
+            return self.options.kv_cache_tokens
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            per_token = text.num_hidden_layers * text.num_key_value_heads * text.head_dim * 2 * dtype.itemsize
+            return int(free * self.options.gpu_memory_utilization) // per_token
+        return max(4 * self.max_model_len, 16 * self.options.block_size)
+
     # -- requests -------------------------------------------------------------------------
-    def add_request(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None, prompt: str | None = None
-    ) -> str:
-        request_id = request_id or f"req-{next(self._ids)}"
+    def default_params(self, **overrides: Any) -> SamplingParams:
+        """SamplingParams from the checkpoint's defaults, with `overrides` on top."""
+        return SamplingParams(**{**self.generation_defaults, **overrides})
+
+    def check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raises ValueError with a clear message for a request the engine cannot take."""
+        vocab = self.config.text.vocab_size
         if not prompt_ids:
             raise ValueError("the prompt is empty")
-        if any(not 0 <= t < self.config.text.vocab_size for t in prompt_ids):
-            raise ValueError(f"prompt token ids must be in [0, {self.config.text.vocab_size})")
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(
                 f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.max_model_len} tokens"
             )
+        if GLOBAL in self.cache.pools:
+            capacity = self.cache.pools[GLOBAL].num_blocks * self.cache.block_size
+            if len(prompt_ids) + 1 > capacity:
+                raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the KV cache holds {capacity}")
+        if params.logit_bias and any(not 0 <= int(t) < vocab for t in params.logit_bias):
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
+
+    def add_request(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        prompt: str | None = None,
+    ) -> str:
+        params = params or self.default_params()
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.check_prompt(prompt_ids, params)
         room = self.max_model_len - len(prompt_ids)
-        max_tokens = min(params.max_tokens or self.default_max_tokens or room, room)
-        capacity = self.cache.pools[GLOBAL].num_blocks * self.cache.block_size
-        if GLOBAL in self.cache.group_names and len(prompt_ids) + 1 > capacity:
-            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the KV cache holds {capacity}")
+        max_tokens = min(params.max_tokens or self.generation_defaults.get("max_tokens") or room, room)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
-        request = Request(request_id, list(prompt_ids), params, max_tokens, stop_ids)
-        detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens)
-        self._tracks[request_id] = _Track(request, detok, prompt)
-        self.scheduler.add(request)
+        trackers = []
+        for i in range(params.n):
+            child_params = params
+            if params.seed is not None and i > 0:
+                # Each sample draws its own numbers, still reproducible from the one seed.
+                child_params = dataclasses.replace(params, seed=params.seed + i * 1_000_003)
+            child = Request(
+                request_id if params.n == 1 else f"{request_id}#{i}",
+                list(prompt_ids),
+                child_params,
+                max_tokens,
+                stop_ids,
+                # Later samples start once the first has the prompt in the prefix cache.
+                wait_for=trackers[0].request if trackers and self.blocks.enable_prefix_caching else None,
+            )
+            trackers.append(OutputTracker(child, self.tokenizer, i, self.max_model_len))
+        group = _Group(request_id, list(prompt_ids), prompt, trackers)
+        self._groups[request_id] = group
+        for t in trackers:
+            self._group_of[t.request.request_id] = group
+            self.scheduler.add(t.request)
         return request_id
 
-    def abort(self, request_id: str) -> None:
-        track = self._tracks.pop(request_id, None)
-        if track is not None and not track.request.finished:
-            track.request.finish("abort")
-            self.scheduler.finish(track.request)
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stops a request at once and frees everything it held."""
+        group = self._groups.pop(request_id, None)
+        if group is None:
+            return None
+        for t in group.trackers:
+            self._group_of.pop(t.request.request_id, None)
+            if not t.request.finished:
+                t.request.finish("abort")
+                self.scheduler.finish(t.request)
+        return group.output()
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
+
+    def stats(self) -> EngineStats:
+        pools = self.cache.pools.values()
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_usage=self.blocks.usage(),
+            kv_blocks_total=sum(p.num_blocks for p in pools),
+            kv_blocks_used=sum(p.num_used for p in pools),
+            prefix_queries=self.scheduler.prefix_queries,
+            prefix_hits=self.scheduler.prefix_hits,
+            num_preemptions=self.scheduler.num_preemptions,
+        )
 
     # -- stepping -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -175,74 +267,50 @@ class Engine:
         if not batch:
             if self.scheduler.waiting and not self.scheduler.running:
                 # Nothing fits even alone: refuse the head of the queue rather than hang.
-                r = self.scheduler.waiting.popleft()
-                r.finish("error", "the request does not fit in the KV cache")
-                return [self._output(self._tracks.pop(r.request_id))]
+                r = self.scheduler.waiting[0]
+                group = self._group_of[r.request_id]
+                for t in group.trackers:
+                    if not t.request.finished:
+                        t.request.finish("error", "the request does not fit in the KV cache")
+                        self.scheduler.finish(t.request)
+                return [self._close(group)]
             return []
         sampled = self.runner.execute(batch)
-        outputs = []
+        self.scheduler.after_step(batch)
+        progressed: dict[str, _Group] = {}
         for item, result in zip(batch, sampled):
             r = item.request
-            r.num_computed += item.num_new
             if result is None:
                 continue
-            track = self._tracks[r.request_id]
-            self._append(track, result)
-            outputs.append(self._output(track))
+            group = self._group_of[r.request_id]
+            group.trackers[self._index(group, r)].append(result)
             if r.finished:
                 self.scheduler.finish(r)
-                del self._tracks[r.request_id]
+            progressed[group.request_id] = group
+        outputs = []
+        for group in progressed.values():
+            outputs.append(self._close(group) if group.finished else group.output())
         return outputs
 
-    def _append(self, track: _Track, result) -> None:
-        r = track.request
-        r.output_ids.append(result.token_id)
-        if r.params.logprobs is not None:
-            track.logprobs.append(result.top_logprobs)
-        if result.token_id in r.stop_ids and len(r.output_ids) > r.params.min_tokens - 1:
-            track.text += track.detok.flush()
-            r.finish("stop", result.token_id)
-            return
-        track.text += track.detok.add(result.token_id)
-        if self._match_stop_string(track):
-            return
-        if len(r.output_ids) >= r.max_tokens or r.num_tokens >= self.max_model_len:
-            track.text += track.detok.flush()
-            self._match_stop_string(track)
-            if not r.finished:
-                r.finish("length")
+    @staticmethod
+    def _index(group: _Group, r: Request) -> int:
+        return next(i for i, t in enumerate(group.trackers) if t.request is r)
 
-    def _match_stop_string(self, track: _Track) -> bool:
-        r = track.request
-        for stop in r.params.stop:
-            if not stop:
-                continue
-            at = track.text.find(stop)
-            if at >= 0:
-                end = at + len(stop) if r.params.include_stop_str_in_output else at
-                track.text = track.text[:end]
-                r.finish("stop", stop)
-                return True
-        return False
+    def _close(self, group: _Group) -> RequestOutput:
+        self._groups.pop(group.request_id, None)
+        for t in group.trackers:
+            self._group_of.pop(t.request.request_id, None)
+        return group.output()
 
-    def _output(self, track: _Track) -> RequestOutput:
-        r = track.request
-        return RequestOutput(
-            request_id=r.request_id,
-            prompt_token_ids=r.prompt_ids,
-            prompt=track.prompt,
-            finished=r.finished,
-            outputs=[
-                CompletionOutput(
-                    index=0,
-                    text=track.text,
-                    token_ids=list(r.output_ids),
-                    finish_reason=r.finish_reason,
-                    stop_reason=r.stop_reason,
-                    logprobs=list(track.logprobs) if r.params.logprobs is not None else None,
-                )
-            ],
-        )
+
+def _load_engine(model, dtype, device, engine_options) -> Engine:
+    model_dir = resolve_model_dir(model)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    config = load_config(model_dir)
+    tokenizer = Tokenizer.from_dir(model_dir)
+    torch_dtype = resolve_dtype(dtype, config, device)
+    text_model = load_text_model(model_dir, config, torch_dtype, device)
+    return Engine(model_dir, config, tokenizer, text_model, device, torch_dtype, EngineOptions(**engine_options))
 
 
 class LLM:
@@ -256,42 +324,38 @@ class LLM:
         device: str | torch.device | None = None,
         **engine_options: Any,
     ):
-        self.model_dir = resolve_model_dir(model)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.config = load_config(self.model_dir)
-        self.tokenizer = Tokenizer.from_dir(self.model_dir)
-        self.dtype = resolve_dtype(dtype, self.config, self.device)
-        self.model = load_text_model(self.model_dir, self.config, self.dtype, self.device)
-        self.engine = Engine(
-            self.model_dir,
-            self.config,
-            self.tokenizer,
-            self.model,
-            self.device,
-            self.dtype,
-            EngineOptions(**engine_options),
-        )
+        self.engine = _load_engine(model, dtype, device, engine_options)
+        self.model_dir = self.engine.model_dir
+        self.config = self.engine.config
+        self.tokenizer = self.engine.tokenizer
+        self.device = self.engine.device
+        self.model = self.engine.runner.model
 
     def generate(
-        self, prompts: str | list[int] | list[str | list[int]], params: SamplingParams | None = None
+        self,
+        prompts: str | list[int] | list[str | list[int]],
+        params: SamplingParams | list[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
-        """One result per prompt, in order. A prompt is a string or a list of token ids."""
+        """One result per prompt, in order. A prompt is a string or a list of token ids;
+        `params` is one SamplingParams for all prompts or a list with one per prompt."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        params = params or SamplingParams()
-        ids = []
-        for prompt in prompts:
+        all_params = params if isinstance(params, list) else [params] * len(prompts)
+        if len(all_params) != len(prompts):
+            raise ValueError(f"{len(all_params)} SamplingParams for {len(prompts)} prompts")
+        requests = []
+        for prompt, p in zip(prompts, all_params):
             if isinstance(prompt, str):
-                prompt_ids = self.tokenizer.encode(prompt, add_bos=self.tokenizer.bos_token_id is not None)
-                ids.append(self.engine.add_request(prompt_ids, params, prompt=prompt))
+                ids = self.tokenizer.encode(prompt, add_bos=self.tokenizer.bos_token_id is not None)
+                requests.append((ids, p, prompt))
             else:
-                ids.append(self.engine.add_request(list(prompt), params))
-        return self._run(ids)
+                requests.append((list(prompt), p, None))
+        return self._run(requests)
 
     def chat(
         self,
         messages: list[dict] | list[list[dict]],
-        params: SamplingParams | None = None,
+        params: SamplingParams | list[SamplingParams] | None = None,
         *,
         tools: list[dict] | None = None,
         add_generation_prompt: bool = True,
@@ -301,9 +365,10 @@ class LLM:
     ) -> list[RequestOutput]:
         """One result per conversation; a single conversation is a list of message dicts."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        ids = []
-        for conversation in conversations:
-            prompt_ids = self.tokenizer.apply_chat_template(
+        all_params = params if isinstance(params, list) else [params] * len(conversations)
+        requests = []
+        for conversation, p in zip(conversations, all_params):
+            ids = self.tokenizer.apply_chat_template(
                 conversation,
                 tools=tools,
                 add_generation_prompt=add_generation_prompt and not continue_final_message,
@@ -311,20 +376,145 @@ class LLM:
                 template=chat_template,
                 **(chat_template_kwargs or {}),
             )
-            ids.append(self.engine.add_request(prompt_ids, params or SamplingParams()))
-        return self._run(ids)
+            requests.append((ids, p, None))
+        return self._run(requests)
 
-    def _run(self, request_ids: list[str]) -> list[RequestOutput]:
+    def _run(self, requests: list[tuple[list[int], SamplingParams | None, str | None]]) -> list[RequestOutput]:
+        ids = []
         final: dict[str, RequestOutput] = {}
         try:
-            while len(final) < len(request_ids):
+            for prompt_ids, params, prompt in requests:
+                ids.append(self.engine.add_request(prompt_ids, params, prompt=prompt))
+            while len(final) < len(ids):
                 for out in self.engine.step():
                     if out.finished:
                         final[out.request_id] = out
-                if not self.engine.has_unfinished() and len(final) < len(request_ids):
+                if not self.engine.has_unfinished() and len(final) < len(ids):
                     raise RuntimeError("the engine stopped with requests unfinished")
         except BaseException:
-            for rid in request_ids:
+            for rid in ids:
                 self.engine.abort(rid)
             raise
-        return [final[rid] for rid in request_ids]
+        return [final[rid] for rid in ids]
+
+
+class AsyncEngine:
+    """Runs the engine loop in a background thread; coroutines submit requests and stream results.
+
+    The loop thread is the only one that touches the engine: submissions and aborts reach it
+    through a queue, and results come back to each request's asyncio queue.
+    """
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.model_dir = engine.model_dir
+        self.config = engine.config
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._stats = engine.stats()
+        self.error: BaseException | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls, model: str | Path | None = None, *, dtype="auto", device=None, **engine_options
+    ) -> AsyncEngine:
+        return cls(_load_engine(model, dtype, device, engine_options))
+
+    def default_params(self, **overrides: Any) -> SamplingParams:
+        return self.engine.default_params(**overrides)
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="herd-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
+        self._commands.put(("wake", None))
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.error is None
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str, prompt: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Streams outputs (with deltas) until the last, which has finished=True.
+
+        Raises ValueError before the first output for a request the engine cannot take. If the
+        consumer stops early (client gone, task cancelled), the request is aborted at once.
+        """
+        if not self.is_running:
+            raise RuntimeError("the engine is not running")
+        self.engine.check_prompt(prompt_ids, params)
+        loop = asyncio.get_running_loop()
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (loop, stream)
+        self._commands.put(("add", (prompt_ids, params, request_id, prompt)))
+        finished = False
+        try:
+            while True:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    # -- the loop thread ---------------------------------------------------------------------
+    def _deliver(self, request_id: str, item) -> None:
+        target = self._streams.get(request_id)
+        if target is not None:
+            loop, stream = target
+            loop.call_soon_threadsafe(stream.put_nowait, item)
+
+    def _handle(self, command: str, payload) -> None:
+        if command == "add":
+            prompt_ids, params, request_id, prompt = payload
+            try:
+                self.engine.add_request(prompt_ids, params, request_id, prompt)
+            except ValueError as e:
+                self._deliver(request_id, e)
+        elif command == "abort":
+            self.engine.abort(payload)
+
+    def _loop(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                # Block for work when idle; otherwise drain what arrived and take a step.
+                block = not self.engine.has_unfinished()
+                try:
+                    command, payload = self._commands.get(block=block, timeout=0.5 if block else None)
+                    self._handle(command, payload)
+                    while True:
+                        command, payload = self._commands.get_nowait()
+                        self._handle(command, payload)
+                except queue.Empty:
+                    pass
+                if self.engine.has_unfinished():
+                    for out in self.engine.step():
+                        self._deliver(out.request_id, out)
+                self._stats = self.engine.stats()
+        except BaseException as e:  # a bug in the engine: fail every open stream, loudly
+            self.error = e
+            for request_id in list(self._streams):
+                self._deliver(request_id, RuntimeError(f"engine failure: {e}"))
+            raise

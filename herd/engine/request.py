@@ -14,7 +14,7 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)
 class Request:
     request_id: str
     prompt_ids: list[int]
@@ -22,10 +22,16 @@ class Request:
     max_tokens: int
     stop_ids: set[int] = field(default_factory=set)
     output_ids: list[int] = field(default_factory=list)
-    output_logprobs: list[float] = field(default_factory=list)
-    output_top_logprobs: list[dict[int, float]] = field(default_factory=list)
     num_computed: int = 0  # tokens whose K/V are in the cache
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
     block_tables: dict[str, list[int]] = field(default_factory=dict)
+    block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of full blocks
+    num_registered_blocks: int = 0  # leading full blocks already entered in the prefix cache
+    # A sibling whose prompt must be in the cache before this one starts (n > 1 shares it).
+    wait_for: Request | None = None
+    admitted_once: bool = False
+    # prompt_logprobs[i]: {token id -> logprob} for prompt token i given the tokens before it.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
     status: Status = Status.WAITING
     finish_reason: str | None = None
     stop_reason: int | str | None = None
@@ -41,6 +47,11 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.status == Status.FINISHED
+
+    @property
+    def uses_prefix_cache(self) -> bool:
+        # Prompt logprobs need every prompt position computed, so such requests skip lookups.
+        return self.params.prompt_logprobs is None
 
     def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
         self.status = Status.FINISHED

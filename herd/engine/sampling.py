@@ -25,6 +25,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     seed: int | None = None
     logprobs: int | None = None  # top-k logprobs per generated token (the sampled one always included)
+    prompt_logprobs: int | None = None  # top-k logprobs per prompt token (for `echo`)
     n: int = 1
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
@@ -52,6 +53,7 @@ class SamplingParams:
         check(-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]")
         check(-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]")
         check(self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]")
+        check(self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs must be in [0, 20]")
         check(self.n >= 1, "n must be at least 1")
         check(self.min_tokens >= 0, "min_tokens must be >= 0")
 

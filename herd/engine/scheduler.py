@@ -2,15 +2,16 @@
 
 Every step, running requests go first (a decode token each, or the next piece of a prefill),
 then waiting requests are admitted while the token budget, the sequence cap and the KV blocks
-allow. When blocks run out, the newest running request is preempted: its blocks are freed and
-it goes back to the front of the queue, to be recomputed later.
+allow; an admitted request starts after the longest prefix found in the prefix cache. When
+blocks run out, the newest running request is preempted: its blocks are freed and it goes back
+to the front of the queue, to be recomputed later (its cached blocks often survive).
 """
 
 from __future__ import annotations
 
 from collections import deque
 
-from herd.engine.kv_cache import KVBlockManager
+from herd.engine.kv_cache import KVBlockManager, chain_hashes
 from herd.engine.request import Request, Status
 from herd.engine.runner import ScheduledSeq
 
@@ -23,6 +24,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_hits = 0  # of which were found there
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -44,6 +47,30 @@ class Scheduler:
         self.running.remove(r)
         self.waiting.appendleft(r)
         self.num_preemptions += 1
+
+    def _ready(self, r: Request) -> bool:
+        parent = r.wait_for
+        return parent is None or parent.finished or parent.num_computed >= len(parent.prompt_ids)
+
+    def _admit(self, r: Request, budget: int) -> int:
+        """Allocates what r needs to start; returns the tokens it will compute (0: not now)."""
+        cached = 0
+        if r.uses_prefix_cache:
+            r.block_hashes = chain_hashes(r.all_ids, self.blocks.block_size, r.block_hashes)
+            cached = self.blocks.cached_prefix(r.all_ids, r.block_hashes, r.block_tables)
+        r.num_computed = cached
+        num_new = min(r.num_tokens - cached, budget)
+        if not self._try_allocate(r, num_new):
+            self.blocks.free(r.block_tables)
+            r.num_computed = 0
+            return 0
+        if not r.admitted_once:
+            r.admitted_once = True
+            r.num_cached_tokens = cached
+            self.prefix_queries += len(r.prompt_ids)
+            self.prefix_hits += cached
+        r.num_registered_blocks = cached // self.blocks.block_size
+        return num_new
 
     def step(self) -> list[ScheduledSeq]:
         budget = self.max_num_batched_tokens
@@ -72,19 +99,35 @@ class Scheduler:
             budget -= num_new
 
         # After a preemption, blocks are scarce: admitting new work would only thrash.
-        admit = self.num_preemptions == preemptions_before
-        while admit and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            r = self.waiting[0]
-            num_new = min(r.num_tokens - r.num_computed, budget)
-            if not self._try_allocate(r, num_new):
+        if self.num_preemptions != preemptions_before:
+            return batch
+        for r in list(self.waiting):
+            if budget == 0 or len(self.running) >= self.max_num_seqs:
                 break
-            self.waiting.popleft()
+            if not self._ready(r):
+                continue  # its sibling is still computing the shared prompt
+            num_new = self._admit(r, budget)
+            if num_new == 0:
+                break  # first come, first served: nothing behind it jumps the queue
+            self.waiting.remove(r)
             r.status = Status.RUNNING
             self.running.append(r)
             batch.append(ScheduledSeq(r, num_new))
             scheduled.add(r.request_id)
             budget -= num_new
         return batch
+
+    def after_step(self, batch: list[ScheduledSeq]) -> None:
+        """Records computed tokens and names newly filled blocks for the prefix cache."""
+        bs = self.blocks.block_size
+        for item in batch:
+            r = item.request
+            r.num_computed += item.num_new
+            full = r.num_computed // bs
+            if full > r.num_registered_blocks:
+                r.block_hashes = chain_hashes(r.all_ids[: full * bs], bs, r.block_hashes[:full])
+                self.blocks.register_full_blocks(r.block_tables, r.block_hashes, r.num_registered_blocks)
+                r.num_registered_blocks = full
 
     def finish(self, r: Request) -> None:
         self.blocks.free(r.block_tables)
