@@ -26,6 +26,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0  # of which were found there
+        self.num_computed_tokens = 0  # tokens run through the model, all steps together
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -123,6 +124,7 @@ class Scheduler:
         for item in batch:
             r = item.request
             r.num_computed += item.num_new
+            self.num_computed_tokens += item.num_new
             full = r.num_computed // bs
             if full > r.num_registered_blocks:
                 r.block_hashes = chain_hashes(r.all_ids[: full * bs], bs, r.block_hashes[:full])

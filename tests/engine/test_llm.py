@@ -110,3 +110,21 @@ def test_bad_requests_are_refused(llm):
     # The engine is still healthy and holds no blocks afterwards.
     assert llm.generate(PROMPTS[0], GREEDY)[0].outputs[0].token_ids
     assert not llm.engine.has_unfinished()
+
+
+def test_long_context_keeps_only_global_layers_growing(demo_dir):
+    """A sequence many chunks long: chunked layers hold one chunk (plus a step) of blocks;
+    only the global layers' blocks grow with the context."""
+    llm = LLM(str(demo_dir), dtype="float32", device="cpu", max_num_batched_tokens=128, block_size=16)
+    engine = llm.engine
+    chunk = llm.config.text.attention_chunk_size
+    prompt = [(i * 7919) % 150000 + 1000 for i in range(20 * chunk)]  # 1,280 tokens: 20 chunks
+    engine.add_request(prompt, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    peak = {"global": 0, "chunked": 0}
+    while engine.has_unfinished():
+        engine.step()
+        for group, pool in engine.cache.pools.items():
+            peak[group] = max(peak[group], pool.num_used)
+    assert peak["global"] == -(-(len(prompt) + 8) // 16)
+    assert peak["chunked"] <= (chunk + 128) // 16 + 1
+    assert all(p.num_free == p.num_blocks for p in engine.cache.pools.values())
