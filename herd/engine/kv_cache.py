@@ -28,10 +28,14 @@ def layer_groups(cfg: TextConfig) -> list[str]:
     return [CHUNKED if cfg.is_chunked(i) else GLOBAL for i in range(cfg.num_hidden_layers)]
 
 
-def chain_hashes(token_ids: list[int], block_size: int, start: list[bytes] | None = None) -> list[bytes]:
+def chain_hashes(
+    token_ids: list[int], block_size: int, start: list[bytes] | None = None, extra=None
+) -> list[bytes]:
     """Hashes of every full block of token_ids, each chained over all the blocks before it.
 
     `start` holds hashes already computed for the first blocks; they are extended, not redone.
+    `extra(i)`, when given, adds bytes to block i's hash: the content of images whose features
+    replace its tokens (the token ids alone, all <|patch|>, do not tell two images apart).
     A cryptographic hash keeps one tenant's prompt from colliding with another's cache entry.
     """
     hashes = list(start or [])
@@ -39,6 +43,8 @@ def chain_hashes(token_ids: list[int], block_size: int, start: list[bytes] | Non
         block = token_ids[i * block_size : (i + 1) * block_size]
         h = hashlib.sha256(hashes[-1] if hashes else b"herd-prefix")
         h.update(b"".join(t.to_bytes(4, "little") for t in block))
+        if extra is not None:
+            h.update(extra(i))
         hashes.append(h.digest())
     return hashes
 

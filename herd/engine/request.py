@@ -5,7 +5,18 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+import torch
+
 from herd.engine.sampling import SamplingParams
+
+
+@dataclass(eq=False)
+class ImageInput:
+    """One image of a prompt: its pixel tiles and where its features go."""
+
+    pixel_values: torch.Tensor  # [tiles (global thumbnail included), 3, size, size]
+    content_hash: bytes  # names the pixels, for the prefix cache
+    patch_positions: list[int]  # prompt positions of its <|patch|> tokens, in order
 
 
 class Status(enum.Enum):
@@ -30,6 +41,9 @@ class Request:
     # A sibling whose prompt must be in the cache before this one starts (n > 1 shares it).
     wait_for: Request | None = None
     admitted_once: bool = False
+    images: list[ImageInput] = field(default_factory=list)
+    # Projected vision features of all images, in patch order; kept only during the prefill.
+    image_features: torch.Tensor | None = None
     # prompt_logprobs[i]: {token id -> logprob} for prompt token i given the tokens before it.
     prompt_logprobs: list[dict[int, float] | None] | None = None
     status: Status = Status.WAITING
@@ -47,6 +61,20 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.status == Status.FINISHED
+
+    @property
+    def last_patch_position(self) -> int:
+        return self.images[-1].patch_positions[-1] if self.images else -1
+
+    def block_extra(self, block_size: int):
+        """For prefix-cache hashing: the content hashes of images inside each block."""
+        if not self.images:
+            return None
+        by_block: dict[int, bytes] = {}
+        for image in self.images:
+            for b in sorted({p // block_size for p in image.patch_positions}):
+                by_block[b] = by_block.get(b, b"") + image.content_hash
+        return lambda i: by_block.get(i, b"")
 
     @property
     def uses_prefix_cache(self) -> bool:

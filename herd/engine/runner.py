@@ -23,10 +23,48 @@ class ScheduledSeq:
 
 
 class Runner:
-    def __init__(self, model: Llama4TextModel, cache: KVCache, device: torch.device):
+    def __init__(self, model: Llama4TextModel, cache: KVCache, device: torch.device, vision_model=None):
         self.model = model
         self.cache = cache
         self.device = device
+        self.vision_model = vision_model  # None for text-only checkpoints
+
+    def _encode_images(self, requests: list[Request]) -> None:
+        """Runs the vision tower once over every tile of every image these requests still need
+        (early fusion: the features stand in for the embeddings of the <|patch|> tokens)."""
+        images = [image for r in requests for image in r.images]
+        tiles = torch.cat([image.pixel_values for image in images]).to(self.device)
+        features = self.vision_model(tiles.to(self.model.embed_tokens.weight.dtype))
+        features = features.reshape(-1, features.shape[-1])
+        offset = 0
+        for r in requests:
+            count = sum(len(image.patch_positions) for image in r.images)
+            r.image_features = features[offset : offset + count]
+            offset += count
+
+    def _input_embeddings(self, batch: list[ScheduledSeq], input_ids: torch.Tensor) -> torch.Tensor | None:
+        """Token embeddings with image features in place of <|patch|> tokens; None if no images."""
+        touching = [
+            item for item in batch if item.request.images and item.request.num_computed <= item.request.last_patch_position
+        ]
+        if not touching:
+            return None
+        if self.vision_model is None:
+            raise ValueError("this checkpoint has no vision tower: images are not supported")
+        missing = [item.request for item in touching if item.request.image_features is None]
+        if missing:
+            self._encode_images(missing)
+        embeds = self.model.embed_tokens(input_ids)
+        row = 0
+        for item in batch:
+            r = item.request
+            start, end = r.num_computed, r.num_computed + item.num_new
+            if item in touching:
+                positions = torch.tensor([p for image in r.images for p in image.patch_positions], device=self.device)
+                inside = ((positions >= start) & (positions < end)).nonzero()[:, 0]
+                embeds[row + positions[inside] - start] = r.image_features[inside].to(embeds.dtype)
+            row += item.num_new
+        return embeds
 
     def _metadata(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, AttentionMetadata]:
         bs = self.cache.block_size
@@ -63,7 +101,12 @@ class Runner:
         Prompt logprobs, for requests that ask, are stored on the request as a side effect.
         """
         input_ids, meta = self._metadata(batch)
-        hidden = self.model(input_ids, meta, self.cache.layers)
+        embeds = self._input_embeddings(batch, input_ids)
+        hidden = self.model(input_ids, meta, self.cache.layers, inputs_embeds=embeds)
+        for item in batch:
+            r = item.request
+            if r.image_features is not None and r.num_computed + item.num_new > r.last_patch_position:
+                r.image_features = None  # the prefill is past its images: the KV cache has them
         sample_rows, rows = [], []
         for item, seq in zip(batch, meta.seqs):
             r = item.request

@@ -57,7 +57,8 @@ class Scheduler:
         """Allocates what r needs to start; returns the tokens it will compute (0: not now)."""
         cached = 0
         if r.uses_prefix_cache:
-            r.block_hashes = chain_hashes(r.all_ids, self.blocks.block_size, r.block_hashes)
+            bs = self.blocks.block_size
+            r.block_hashes = chain_hashes(r.all_ids, bs, r.block_hashes, r.block_extra(bs))
             cached = self.blocks.cached_prefix(r.all_ids, r.block_hashes, r.block_tables)
         r.num_computed = cached
         num_new = min(r.num_tokens - cached, budget)
@@ -127,7 +128,7 @@ class Scheduler:
             self.num_computed_tokens += item.num_new
             full = r.num_computed // bs
             if full > r.num_registered_blocks:
-                r.block_hashes = chain_hashes(r.all_ids[: full * bs], bs, r.block_hashes[:full])
+                r.block_hashes = chain_hashes(r.all_ids[: full * bs], bs, r.block_hashes[:full], r.block_extra(bs))
                 self.blocks.register_full_blocks(r.block_tables, r.block_hashes, r.num_registered_blocks)
                 r.num_registered_blocks = full
 
