@@ -22,7 +22,7 @@ from herd.checkpoint import load_text_model
 from herd.config import ModelConfig, load_config
 from herd.engine.kv_cache import KVBlockManager, KVCache
 from herd.engine.outputs import CompletionOutput, OutputTracker, RequestOutput
-from herd.engine.request import Request
+from herd.engine.request import ImageInput, Request
 from herd.engine.runner import Runner
 from herd.engine.sampling import SamplingParams
 from herd.engine.scheduler import Scheduler
@@ -200,12 +200,17 @@ class Engine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         prompt: str | None = None,
+        images: list[ImageInput] | None = None,
     ) -> str:
+        """Queues a request; `images` are those already laid out in prompt_ids (see
+        herd.engine.prompt_images)."""
         params = params or self.default_params()
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.check_prompt(prompt_ids, params)
+        if images and self.runner.vision_model is None:
+            raise ValueError("this model has no vision tower: image inputs are not supported")
         room = self.max_model_len - len(prompt_ids)
         max_tokens = min(params.max_tokens or self.generation_defaults.get("max_tokens") or room, room)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
@@ -223,6 +228,7 @@ class Engine:
                 stop_ids,
                 # Later samples start once the first has the prompt in the prefix cache.
                 wait_for=trackers[0].request if trackers and self.blocks.enable_prefix_caching else None,
+                images=list(images or []),
             )
             trackers.append(OutputTracker(child, self.tokenizer, i, self.max_model_len))
         group = _Group(request_id, list(prompt_ids), prompt, trackers)
@@ -447,7 +453,12 @@ class AsyncEngine:
         return self._stats
 
     async def generate(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str, prompt: str | None = None
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        prompt: str | None = None,
+        images: list[ImageInput] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Streams outputs (with deltas) until the last, which has finished=True.
 
@@ -460,7 +471,7 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (loop, stream)
-        self._commands.put(("add", (prompt_ids, params, request_id, prompt)))
+        self._commands.put(("add", (prompt_ids, params, request_id, prompt, images)))
         finished = False
         try:
             while True:
@@ -488,9 +499,9 @@ class AsyncEngine:
 
     def _handle(self, command: str, payload) -> None:
         if command == "add":
-            prompt_ids, params, request_id, prompt = payload
+            prompt_ids, params, request_id, prompt, images = payload
             try:
-                self.engine.add_request(prompt_ids, params, request_id, prompt)
+                self.engine.add_request(prompt_ids, params, request_id, prompt, images)
             except ValueError as e:
                 self._deliver(request_id, e)
         elif command == "abort":
