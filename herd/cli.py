@@ -1,8 +1,10 @@
-"""`herd` command line: generate, chat, demo-model."""
+"""`herd` command line: serve, generate, chat, demo-model."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 
 
@@ -18,6 +20,38 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=-1)
     p.add_argument("--seed", type=int, default=None)
+
+
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    # vLLM's spelling wherever vLLM has the option.
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", nargs="+", default=None,
+                   help="name(s) clients use for the model (default: the checkpoint directory's name)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one running batch")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens in one engine step")
+    p.add_argument("--block-size", type=int, default=16, help="KV-cache block size in tokens")
+    p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV-cache size in tokens (default: sized for the device)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--kv-cache-dtype", default="auto", help="only auto (the model's dtype) for now")
+    p.add_argument("--quantization", default=None, help="fp8 checkpoints are detected from their config")
+    p.add_argument("--chat-template", default=None, help="a jinja chat template file (default: the checkpoint's)")
+    p.add_argument("--limit-mm-per-prompt", default=None, help='e.g. \'{"image": 5}\'')
+    p.add_argument("--price-input", type=float, default=0.0, help="USD per 1M input tokens, shown in /v1/models")
+    p.add_argument("--price-output", type=float, default=0.0, help="USD per 1M output tokens, shown in /v1/models")
+    p.add_argument("--max-pending-requests", type=int, default=None,
+                   help="requests admitted at once (running + queued); more get 503 (default: 4 x --max-num-seqs)")
+    p.add_argument("--max-request-body-bytes", type=int, default=32 * 1024 * 1024, help="larger bodies get 413")
+    p.add_argument("--allowed-origins", default="", help='CORS origins, e.g. \'["*"]\' (default: no CORS)')
+    p.add_argument("--allowed-methods", default='["*"]')
+    p.add_argument("--allowed-headers", default='["*"]')
+    p.add_argument("--allow-credentials", action="store_true")
+    p.add_argument("--api-key", default=None, help="require this bearer token (or set HERD_API_KEY)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds in-flight requests get to finish before they are aborted")
+    p.add_argument("--uvicorn-log-level", default="info")
 
 
 def _sampling(args):
@@ -46,13 +80,11 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from herd import LLM
-
-    llm = LLM(args.model, dtype=args.dtype, device=args.device)
-    params = _sampling(args)
+    """A terminal conversation, streamed: against a running server (--url) or in-process."""
     messages = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
+    reply_to = _chat_over_http(args) if args.url else _chat_in_process(args)
     print("herd chat: an empty line or Ctrl-D ends the conversation.", file=sys.stderr)
     while True:
         try:
@@ -62,10 +94,159 @@ def cmd_chat(args) -> int:
         if not line.strip():
             break
         messages.append({"role": "user", "content": line})
-        reply = llm.chat(messages, params)[0].outputs[0].text
-        print(reply)
-        messages.append({"role": "assistant", "content": reply})
+        parts = []
+        for piece in reply_to(messages):
+            parts.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": "".join(parts)})
     return 0
+
+
+def _chat_in_process(args):
+    from herd import LLM
+
+    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    params = _sampling(args)
+    engine = llm.engine
+
+    def reply(messages):
+        ids = llm.tokenizer.apply_chat_template(messages)
+        request_id = engine.add_request(ids, params)
+        try:
+            while engine.has_unfinished():
+                for out in engine.step():
+                    if out.request_id == request_id:
+                        yield out.outputs[0].delta_text
+                        if out.finished:
+                            return
+        finally:
+            engine.abort(request_id)
+
+    return reply
+
+
+def _chat_over_http(args):
+    import httpx
+
+    base = args.url.rstrip("/")
+    if not base.endswith("/v1"):
+        base += "/v1"
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    client = httpx.Client(base_url=base, headers=headers, timeout=httpx.Timeout(10.0, read=None))
+    model = args.served_model_name
+    if model is None:
+        response = client.get("/models")
+        response.raise_for_status()
+        model = response.json()["data"][0]["id"]
+    sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed}
+    if args.max_tokens is not None:
+        sampling["max_tokens"] = args.max_tokens
+
+    def reply(messages):
+        body = {"model": model, "messages": messages, "stream": True, **sampling}
+        with client.stream("POST", "/chat/completions", json=body) as response:
+            if response.status_code != 200:
+                response.read()
+                raise ValueError(f"the server answered {response.status_code}: {response.text}")
+            for line in response.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    raise ValueError(f"the server failed: {chunk['error'].get('message')}")
+                for choice in chunk.get("choices", []):
+                    yield choice.get("delta", {}).get("content") or ""
+
+    return reply
+
+
+def cmd_serve(args) -> int:
+    try:
+        import uvicorn
+
+        from herd.server import ServerOptions, create_app
+    except ImportError as e:
+        print(f"herd serve needs the server packages ({e.name}): pip install herd", file=sys.stderr)
+        return 2
+    from herd.engine.engine import AsyncEngine
+
+    if args.kv_cache_dtype not in ("auto", None):
+        raise ValueError(f"--kv-cache-dtype {args.kv_cache_dtype} is not supported yet (only auto)")
+    if args.quantization and args.quantization != "fp8":
+        raise ValueError(f"--quantization {args.quantization} is not supported (fp8 checkpoints load as they are)")
+    model = args.model_dir or args.model
+    engine = AsyncEngine.from_pretrained(
+        model,
+        dtype=args.dtype,
+        device=args.device,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size,
+        kv_cache_tokens=args.kv_cache_tokens,
+        enable_prefix_caching=args.enable_prefix_caching,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+    )
+    options = ServerOptions(
+        served_model_names=args.served_model_name or [],
+        chat_template=_read_template(args.chat_template),
+        limit_mm_per_prompt=_parse_limits(args.limit_mm_per_prompt),
+        price_input=args.price_input,
+        price_output=args.price_output,
+        max_pending_requests=args.max_pending_requests,
+        max_request_body_bytes=args.max_request_body_bytes,
+        allowed_origins=_json_list(args.allowed_origins),
+        allowed_methods=_json_list(args.allowed_methods),
+        allowed_headers=_json_list(args.allowed_headers),
+        allow_credentials=args.allow_credentials,
+        api_key=args.api_key or os.environ.get("HERD_API_KEY") or None,
+    )
+    app = create_app(engine, options)
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.uvicorn_log_level,
+        timeout_graceful_shutdown=args.shutdown_timeout,
+        timeout_keep_alive=5,
+    )
+    # SIGTERM / Ctrl-C: uvicorn stops accepting, lets in-flight requests finish for up to
+    # --shutdown-timeout seconds, cancels the rest (aborting them in the engine), then the app
+    # shuts the engine down.
+    uvicorn.Server(config).run()
+    return 0
+
+
+def _read_template(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    if "{%" in value or "{{" in value:
+        return value
+    raise ValueError(f"--chat-template: {value} is neither a file nor a template")
+
+
+def _parse_limits(value: str | None) -> dict[str, int]:
+    """vLLM's spelling: '{"image": 5}' or image=5,video=0."""
+    if not value:
+        return {"image": 5}
+    try:
+        limits = json.loads(value) if value.lstrip().startswith("{") else dict(
+            item.split("=", 1) for item in value.split(",")
+        )
+        return {str(k): int(v) for k, v in limits.items()}
+    except (ValueError, TypeError):
+        raise ValueError(f"--limit-mm-per-prompt: cannot read {value!r}; use '{{\"image\": 5}}'") from None
+
+
+def _json_list(value: str) -> list[str]:
+    value = value.strip()
+    if value.startswith("["):
+        return [str(v) for v in json.loads(value)]
+    return [v.strip() for v in value.split(",") if v.strip()]
 
 
 def cmd_demo_model(args) -> int:
@@ -87,8 +268,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("chat", help="chat in the terminal")
+    p = sub.add_parser("serve", help="serve the OpenAI- and Together-compatible HTTP API")
+    p.add_argument("model_dir", nargs="?", default=None, help="checkpoint directory (default: the demo checkpoint)")
+    _add_model_args(p)
+    _add_serve_args(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("chat", help="chat in the terminal (in-process, or with a running server via --url)")
     p.add_argument("--system", default=None, help="a system prompt")
+    p.add_argument("--url", default=None, help="a running server, e.g. http://127.0.0.1:8000 (default: in-process)")
+    p.add_argument("--api-key", default=os.environ.get("HERD_API_KEY"), help="the server's API key, if it has one")
+    p.add_argument("--served-model-name", default=None, help="the model to ask for (default: the server's first)")
     _add_model_args(p)
     _add_sampling_args(p)
     p.set_defaults(func=cmd_chat)

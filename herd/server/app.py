@@ -1,0 +1,80 @@
+"""The FastAPI app: routes under /v1 (and /v1/v1, for together 3.x clients given a base URL that
+already ends in /v1), health, version, metrics, middleware, and the engine's lifetime."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from fastapi import APIRouter, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+import herd
+from herd.server import errors
+from herd.server.metrics import CONTENT_TYPE
+from herd.server.middleware import HerdMiddleware
+from herd.server.routes import chat, completions, models, tokens
+from herd.server.state import ServerOptions, ServerState
+
+log = logging.getLogger("herd.server")
+
+
+def create_app(engine, options: ServerOptions | None = None) -> FastAPI:
+    """`engine` is a loaded AsyncEngine. With options.owns_engine the app starts it on startup
+    and shuts it down on shutdown; otherwise the caller does (tests share one engine)."""
+    options = options or ServerOptions()
+    state = ServerState(engine, options)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        log.info("serving %s (context %d tokens)", state.model_name, state.max_model_len)
+        try:
+            yield
+        finally:
+            if options.owns_engine:
+                await asyncio.to_thread(engine.shutdown)
+
+    app = FastAPI(title="herd", version=herd.__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.herd = state
+    errors.install(app)
+
+    api = APIRouter()
+    for module in (chat, completions, models, tokens):
+        api.include_router(module.router)
+    app.include_router(api, prefix="/v1")
+    app.include_router(api, prefix="/v1/v1", include_in_schema=False)
+    app.include_router(tokens.router)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not engine.is_running:
+            return errors.APIError(503, "the engine is not running").response()
+        return Response(status_code=200)
+
+    @app.get("/ping")
+    async def ping() -> Response:
+        return await health()
+
+    @app.get("/version")
+    async def version() -> JSONResponse:
+        return JSONResponse({"version": herd.__version__})
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    app.add_middleware(HerdMiddleware, max_body_bytes=options.max_request_body_bytes, api_key=options.api_key)
+    if options.allowed_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=options.allowed_origins,
+            allow_methods=options.allowed_methods,
+            allow_headers=options.allowed_headers,
+            allow_credentials=options.allow_credentials,
+            expose_headers=["X-Request-Id"],
+        )
+    return app

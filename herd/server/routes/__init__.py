@@ -1,0 +1,1 @@
+"""HTTP routes, one file per resource; common.py holds what they share."""

@@ -1,0 +1,189 @@
+"""POST /v1/chat/completions: one JSON body, or SSE chunks as the OpenAI and Together SDKs read them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from fastapi import APIRouter
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from herd.server.errors import bad_request
+from herd.server.logprobs import chat_logprobs, legacy_logprobs
+from herd.server.protocol import (
+    ChatCompletionRequest,
+    check_messages,
+    count_images,
+    make_params,
+    params_from,
+    sampling_overrides,
+)
+from herd.server.routes.common import SSE_DONE, SSE_HEADERS, parse_body, sse, sse_error, state_of, usage
+from herd.server.state import ClientGone, ServerState, new_id, until_disconnected
+
+router = APIRouter()
+
+
+@router.post("/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    st = state_of(request)
+    req = await parse_body(request, ChatCompletionRequest)
+    st.check_model(req.model)
+    messages = check_messages(req.messages, allow_images=st.accepts_images)
+    limit = st.options.limit_mm_per_prompt.get("image", 0)
+    if count_images(messages) > limit:
+        raise bad_request(f"at most {limit} images per prompt", param="messages")
+    if req.continue_final_message and messages[-1]["role"] != "assistant":
+        raise bad_request("continue_final_message needs a final assistant message", param="messages")
+    overrides = sampling_overrides(req)
+    defaults = params_from(st.engine, overrides)
+    prompt_ids = await st.encode_chat(
+        messages,
+        tools=req.tools,
+        add_generation_prompt=bool(req.add_generation_prompt),
+        continue_final_message=bool(req.continue_final_message),
+        chat_template_kwargs=req.chat_template_kwargs,
+    )
+    params = make_params(
+        defaults,
+        overrides,
+        prompt_len=len(prompt_ids),
+        max_model_len=st.max_model_len,
+        behavior=req.context_length_exceeded_behavior or "error",
+    )
+    st.check_prompt(prompt_ids, params, "messages")
+    ticket = st.admit()
+    chat = _Chat(st, req, params, prompt_ids, new_id("chatcmpl"), int(time.time()))
+    if req.stream:
+        return StreamingResponse(chat.stream(ticket), media_type="text/event-stream", headers=SSE_HEADERS)
+    try:
+        out = await until_disconnected(request, st.final_output(prompt_ids, params, chat.id, ticket))
+    except ClientGone:
+        return Response(status_code=499)
+    return JSONResponse(chat.response(out))
+
+
+class _Chat:
+    """Builds the response body or the chunks of one chat completion."""
+
+    def __init__(self, st: ServerState, req: ChatCompletionRequest, params, prompt_ids, id: str, created: int):
+        self.st = st
+        self.req = req
+        self.params = params
+        self.prompt_ids = prompt_ids
+        self.id = id
+        self.created = created
+        self.k = params.logprobs
+
+    def _logprobs(self, token_ids, entries) -> dict | None:
+        if self.k is None:
+            return None
+        return chat_logprobs(self.st.token_text, token_ids, entries or [], self.k)
+
+    def _usage(self, out) -> dict:
+        return usage(len(out.prompt_token_ids), out.num_generated_tokens, out.num_cached_tokens)
+
+    def _prompt_field(self, out) -> list:
+        """Together's `prompt` (with `echo`): the prompt text, and its logprobs when asked."""
+        if not self.req.echo:
+            return []
+        text = self.st.tokenizer.decode(self.prompt_ids, skip_special_tokens=False)
+        item: dict[str, Any] = {"text": text, "logprobs": None}
+        if out is not None and out.prompt_logprobs is not None and self.k is not None:
+            item["logprobs"] = legacy_logprobs(self.st.token_text, self.prompt_ids, out.prompt_logprobs, self.k)
+        return [item]
+
+    def _vllm_prompt_logprobs(self, out):
+        if self.req.prompt_logprobs is None or out.prompt_logprobs is None:
+            return None
+        text = self.st.token_text.text
+        return [
+            None if e is None else {str(t): {"logprob": lp, "decoded_token": text(t)} for t, lp in e.items()}
+            for e in out.prompt_logprobs
+        ]
+
+    def response(self, out) -> dict:
+        choices = []
+        for o in out.outputs:
+            choices.append(
+                {
+                    "index": o.index,
+                    "seed": self.params.seed,
+                    "finish_reason": o.finish_reason,
+                    "stop_reason": o.stop_reason,
+                    "logprobs": self._logprobs(o.token_ids, o.logprobs),
+                    "message": {"role": "assistant", "content": o.text, "tool_calls": []},
+                }
+            )
+        body = {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.st.model_name,
+            "prompt": self._prompt_field(out),
+            "choices": choices,
+            "usage": self._usage(out),
+            "system_fingerprint": None,
+        }
+        prompt_logprobs = self._vllm_prompt_logprobs(out)
+        if prompt_logprobs is not None:
+            body["prompt_logprobs"] = prompt_logprobs
+        return body
+
+    def _chunk(self, choices: list[dict], usage_: dict | None = None) -> str:
+        return sse(
+            {
+                "id": self.id,
+                "object": "chat.completion.chunk",
+                "created": self.created,
+                "model": self.st.model_name,
+                "system_fingerprint": None,
+                "choices": choices,
+                "usage": usage_,
+            }
+        )
+
+    async def stream(self, ticket):
+        st = self.st
+        finished: set[int] = set()
+        try:
+            # The role goes in the first chunk of each choice only.
+            for i in range(self.params.n):
+                yield self._chunk(
+                    [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
+                )
+            async for out in st.generate(self.prompt_ids, self.params, self.id, ticket):
+                pending = []
+                for o in out.outputs:
+                    if o.index in finished:
+                        continue
+                    has_logprobs = self.k is not None and o.delta_token_ids
+                    if not (o.delta_text or o.finished or has_logprobs):
+                        continue
+                    pending.append(
+                        {
+                            "index": o.index,
+                            "delta": {"content": o.delta_text} if o.delta_text or not o.finished else {},
+                            "logprobs": self._logprobs(o.delta_token_ids, o.delta_logprobs) if has_logprobs else None,
+                            "finish_reason": o.finish_reason,
+                            "stop_reason": o.stop_reason if o.finished else None,
+                        }
+                    )
+                    if o.finished:
+                        finished.add(o.index)
+                for j, choice in enumerate(pending):
+                    last = out.finished and j == len(pending) - 1
+                    yield self._chunk([choice], self._usage(out) if last else None)
+                if out.finished:
+                    if self.req.stream_options and self.req.stream_options.include_usage:
+                        yield self._chunk([], self._usage(out))
+            yield SSE_DONE
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            yield sse_error(e)
+            yield SSE_DONE
+        finally:
+            ticket.release()

@@ -1,0 +1,55 @@
+"""What the routes share: body parsing, usage, SSE framing."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+
+from herd.server.errors import APIError, bad_request, from_validation_error, parse_json_body
+from herd.server.state import ServerState
+
+M = TypeVar("M", bound=BaseModel)
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def state_of(request: Request) -> ServerState:
+    return request.app.state.herd
+
+
+async def parse_body(request: Request, model: type[M]) -> M:
+    data = parse_json_body(await request.body())
+    if not isinstance(data, dict):
+        raise bad_request("the request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise from_validation_error(e) from None
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    """OpenAI's usage plus Together's top-level cached_tokens."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "cached_tokens": cached_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
+def sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def sse_error(e: BaseException) -> str:
+    """An error after the stream began: `data: {"error": {...}}` (both SDKs raise on it)."""
+    if not isinstance(e, APIError):
+        e = APIError(500, f"internal server error: {type(e).__name__}: {e}")
+    return sse(e.body())

@@ -1,0 +1,228 @@
+"""What every route shares: the engine, the server's options, admission control, metrics, and the
+one helper that runs an engine request for an HTTP request (so all routes abort, count and fail
+the same way)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from starlette.requests import Request
+
+from herd.engine.sampling import SamplingParams
+from herd.server.errors import APIError, bad_request, model_not_found
+from herd.server.logprobs import TokenText
+from herd.server.metrics import Metrics
+
+T = TypeVar("T")
+
+
+@dataclass
+class ServerOptions:
+    served_model_names: list[str] = field(default_factory=list)  # empty: the checkpoint's directory name
+    chat_template: str | None = None  # template source; None: the checkpoint's
+    limit_mm_per_prompt: dict[str, int] = field(default_factory=lambda: {"image": 5})
+    price_input: float = 0.0  # USD per 1M tokens, shown in /v1/models
+    price_output: float = 0.0
+    max_pending_requests: int | None = None  # admitted at once; None: 4 x max_num_seqs. More -> 503
+    max_request_body_bytes: int = 32 * 1024 * 1024
+    allowed_origins: list[str] = field(default_factory=list)  # CORS; empty: no CORS headers
+    allowed_methods: list[str] = field(default_factory=lambda: ["*"])
+    allowed_headers: list[str] = field(default_factory=lambda: ["*"])
+    allow_credentials: bool = False
+    api_key: str | None = None
+    owns_engine: bool = True  # start the engine with the app and shut it down with it
+
+
+class Ticket:
+    """One admitted engine request; gives its place back exactly once."""
+
+    def __init__(self, state: ServerState, count: int):
+        self.state = state
+        self.count = count
+
+    def release(self) -> None:
+        if self.count:
+            self.state.pending -= self.count
+            self.count = 0
+
+    def __del__(self):  # a stream that was never started still gives its place back
+        self.release()
+
+
+class ServerState:
+    def __init__(self, engine, options: ServerOptions):
+        self.engine = engine
+        self.options = options
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
+        names = options.served_model_names or [engine.model_dir.name]
+        self.model_names = names
+        self.model_name = names[0]
+        self.created = int(time.time())
+        self.metrics = Metrics(engine, self.model_name)
+        self.token_text = TokenText(engine.tokenizer)
+        max_num_seqs = engine.engine.options.max_num_seqs
+        self.max_pending = options.max_pending_requests or 4 * max_num_seqs
+        self.pending = 0
+        # Image input arrives with the vision issue; until then image parts are refused clearly.
+        self.accepts_images = False
+
+    # -- checks ---------------------------------------------------------------------------
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model not in self.model_names:
+            raise model_not_found(model)
+
+    def admit(self, count: int = 1) -> Ticket:
+        if not self.engine.is_running:
+            raise APIError(503, "the engine is not running", headers={"retry-after": "5"})
+        if self.pending + count > self.max_pending:
+            raise APIError(
+                503,
+                f"the server is overloaded ({self.pending} requests pending, limit {self.max_pending}); retry later",
+                code="overloaded",
+                headers={"retry-after": "1"},
+            )
+        self.pending += count
+        return Ticket(self, count)
+
+    def check_prompt(self, prompt_ids: list[int], params: SamplingParams, param: str) -> None:
+        try:
+            self.engine.engine.check_prompt(prompt_ids, params)
+        except ValueError as e:
+            message = str(e)
+            raise bad_request(message, param="logit_bias" if "logit_bias" in message else param) from None
+
+    # -- tokenization (off the event loop: a huge prompt must not stall other clients) ------
+    async def encode_chat(self, messages, *, tools=None, add_generation_prompt=True, continue_final_message=False,
+                          chat_template_kwargs=None) -> list[int]:
+        def run():
+            return self.tokenizer.apply_chat_template(
+                messages,
+                tools=tools,
+                add_generation_prompt=add_generation_prompt and not continue_final_message,
+                continue_final_message=continue_final_message,
+                template=self.options.chat_template,
+                **(chat_template_kwargs or {}),
+            )
+
+        try:
+            return await asyncio.to_thread(run)
+        except APIError:
+            raise
+        except Exception as e:  # template errors (raise_exception, bad shapes) are the client's
+            raise bad_request(f"could not apply the chat template: {e}", param="messages") from None
+
+    async def encode_text(self, text: str, add_bos: bool = True) -> list[int]:
+        return await asyncio.to_thread(
+            self.tokenizer.encode, text, add_bos=add_bos and self.tokenizer.bos_token_id is not None
+        )
+
+    # -- running ------------------------------------------------------------------------------
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str, ticket: Ticket | None = None,
+        prompt: str | None = None,
+    ) -> AsyncIterator[Any]:
+        """engine.generate with metrics and failure mapping; stopping early aborts the request."""
+        record = self.metrics.request(len(prompt_ids))
+        try:
+            async for out in self.engine.generate(prompt_ids, params, request_id, prompt=prompt):
+                record.on_output(out)
+                if out.finished:
+                    raise_if_failed(out)
+                yield out
+        except ValueError as e:
+            raise bad_request(str(e)) from None
+        except RuntimeError as e:
+            raise APIError(500, str(e)) from None
+        finally:
+            record.finish(["abort"])  # no-op when it finished normally
+            if ticket is not None:
+                ticket.release()
+
+    async def final_output(self, prompt_ids, params, request_id, ticket=None, prompt=None):
+        last = None
+        async for out in self.generate(prompt_ids, params, request_id, ticket, prompt):
+            last = out
+        return last
+
+
+def raise_if_failed(out) -> None:
+    for o in out.outputs:
+        if o.finish_reason == "error":
+            raise bad_request(f"the request failed: {o.stop_reason or 'engine error'}")
+        if o.finish_reason == "abort":
+            raise APIError(503, "the request was aborted (the server is shutting down)", headers={"retry-after": "5"})
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Runs `work` unless the client goes away first; then `work` is cancelled (which aborts
+    its engine request and frees its KV blocks) and ClientGone is raised."""
+    task = asyncio.ensure_future(work)
+
+    async def watch():
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        # Also reached when this handler itself is cancelled (server shutdown).
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            try:
+                await task
+            except BaseException:
+                pass
+            raise ClientGone()
+    return task.result()
+
+
+class ClientGone(Exception):
+    """The client disconnected before its response was ready."""
+
+
+async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+    """Interleaves several async iterators as (index, item); closing this closes them all."""
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield 0, item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i, stream):
+        try:
+            async for item in stream:
+                await queue.put((i, item))
+            await queue.put((i, done))
+        except BaseException as e:
+            await queue.put((i, e))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
