@@ -143,7 +143,7 @@ class CompletionRequest(_SamplingFields):
         if isinstance(v, list):
             if not v:
                 raise ValueError("the prompt list is empty")
-            if len(v) > 1024:
+            if not isinstance(v[0], int) and len(v) > 1024:
                 raise ValueError("at most 1024 prompts per request")
         return v
 
