@@ -214,8 +214,24 @@ def cmd_serve(args) -> int:
     # SIGTERM / Ctrl-C: uvicorn stops accepting, lets in-flight requests finish for up to
     # --shutdown-timeout seconds, cancels the rest (aborting them in the engine), then the app
     # shuts the engine down.
-    uvicorn.Server(config).run()
+    _run_gracefully(config)
     return 0
+
+
+def _run_gracefully(config) -> None:
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown, so the process would die
+        of the signal; a clean drain is a normal exit (status 0) for supervisors."""
+
+        def handle_exit(self, sig, frame):
+            super().handle_exit(sig, frame)
+            captured = getattr(self, "_captured_signals", None)
+            if captured and captured[-1] == sig:
+                captured.pop()
+
+    GracefulServer(config).run()
 
 
 def _read_template(value: str | None) -> str | None:
