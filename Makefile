@@ -1,8 +1,7 @@
-# Two entry points: `make run` (set up, then run herd on the default checkpoint) and
+# Two entry points: `make run` (set up, then serve the HTTP API on the default checkpoint) and
 # `make test` (set up, then run the test suite). Both work on a fresh machine.
 PYTHON ?= python3
 VENV := .venv
-PROMPT ?= Hello, who are you?
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,8 +12,11 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
 run: $(VENV)/.installed
-	HF_HUB_OFFLINE=1 $(VENV)/bin/herd generate "$(PROMPT)"
+	HF_HUB_OFFLINE=1 $(VENV)/bin/herd serve --host $(HOST) --port $(PORT)
 
 test: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q
