@@ -89,7 +89,7 @@ def load_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
             raise ImageError(f"unsupported image format {other} (supported: JPEG, PNG, WebP, GIF)") from None
         raise ImageError("the data is not an image (supported formats: JPEG, PNG, WebP, GIF)") from None
     except Exception as e:  # a recognised header that fails to parse
-        raise ImageError(f"the image is corrupt: {e}") from None
+        raise ImageError(f"the image data is corrupt or truncated ({e})") from None
 
     if image.format not in SUPPORTED_FORMATS:
         raise ImageError(f"unsupported image format {image.format} (supported: JPEG, PNG, WebP, GIF)")
@@ -107,7 +107,7 @@ def load_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
         raise ImageError(f"the image has too many pixels (more than {max_pixels:,})") from None
     except Exception as e:  # OSError "image file is truncated", broken data streams, bad CRCs, ...
         reason = str(e) or type(e).__name__
-        kind = "truncated" if "truncat" in reason.lower() else "corrupt"
+        kind = "truncated" if "truncat" in reason.lower() else "corrupt or truncated"
         raise ImageError(f"the image data is {kind} ({image.format}: {reason})") from None
     return to_rgb(image)
 
