@@ -316,7 +316,12 @@ def _load_engine(model, dtype, device, engine_options) -> Engine:
     tokenizer = Tokenizer.from_dir(model_dir)
     torch_dtype = resolve_dtype(dtype, config, device)
     text_model = load_text_model(model_dir, config, torch_dtype, device)
-    return Engine(model_dir, config, tokenizer, text_model, device, torch_dtype, EngineOptions(**engine_options))
+    engine = Engine(model_dir, config, tokenizer, text_model, device, torch_dtype, EngineOptions(**engine_options))
+    if config.is_multimodal and config.vision is not None:
+        from herd.model.vision import load_vision_model
+
+        engine.runner.vision_model = load_vision_model(model_dir, config, torch_dtype, device)
+    return engine
 
 
 class LLM:
@@ -328,9 +333,13 @@ class LLM:
         *,
         dtype: str | torch.dtype = "auto",
         device: str | torch.device | None = None,
+        limit_mm_per_prompt: int = 5,
+        allow_private_image_urls: bool = False,
         **engine_options: Any,
     ):
         self.engine = _load_engine(model, dtype, device, engine_options)
+        self.limit_mm_per_prompt = limit_mm_per_prompt
+        self.allow_private_image_urls = allow_private_image_urls
         self.model_dir = self.engine.model_dir
         self.config = self.engine.config
         self.tokenizer = self.engine.tokenizer
@@ -369,28 +378,41 @@ class LLM:
         chat_template: str | None = None,
         chat_template_kwargs: dict | None = None,
     ) -> list[RequestOutput]:
-        """One result per conversation; a single conversation is a list of message dicts."""
+        """One result per conversation; a single conversation is a list of message dicts.
+
+        Messages take the OpenAI form, images included: content parts
+        `{"type": "image_url", "image_url": {"url": "data:image/png;base64,..." or "https://..."}}`
+        (or `{"type": "image", "image": <PIL image or bytes>}`).
+        """
+        from herd.chat_prompt import ImageOptions, build_chat_prompt
+
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         all_params = params if isinstance(params, list) else [params] * len(conversations)
+        options = ImageOptions(
+            limit_per_prompt=self.limit_mm_per_prompt, allow_private_urls=self.allow_private_image_urls
+        )
         requests = []
         for conversation, p in zip(conversations, all_params):
-            ids = self.tokenizer.apply_chat_template(
+            chat = build_chat_prompt(
+                self.tokenizer,
+                self.config,
                 conversation,
+                options=options,
                 tools=tools,
                 add_generation_prompt=add_generation_prompt and not continue_final_message,
                 continue_final_message=continue_final_message,
                 template=chat_template,
                 **(chat_template_kwargs or {}),
             )
-            requests.append((ids, p, None))
+            requests.append((chat.prompt_ids, p, None, chat.images))
         return self._run(requests)
 
-    def _run(self, requests: list[tuple[list[int], SamplingParams | None, str | None]]) -> list[RequestOutput]:
+    def _run(self, requests: list[tuple]) -> list[RequestOutput]:
         ids = []
         final: dict[str, RequestOutput] = {}
         try:
-            for prompt_ids, params, prompt in requests:
-                ids.append(self.engine.add_request(prompt_ids, params, prompt=prompt))
+            for prompt_ids, params, prompt, *images in requests:
+                ids.append(self.engine.add_request(prompt_ids, params, prompt=prompt, images=images[0] if images else None))
             while len(final) < len(ids):
                 for out in self.engine.step():
                     if out.finished:
