@@ -38,13 +38,9 @@ def pixels():
 
 
 @pytest.fixture(scope="module")
-def llama4_tokenizer(tmp_path_factory):
-    """The real Llama 4 vocabulary (what the demo checkpoint ships)."""
-    from herd.demo_tokenizer import write_llama4_tokenizer
-
-    out = tmp_path_factory.mktemp("llama4-tok")
-    write_llama4_tokenizer(out)
-    return Tokenizer.from_dir(out)
+def llama4_tokenizer(demo_dir):
+    """The real Llama 4 vocabulary, as the demo checkpoint ships it (written once per session)."""
+    return Tokenizer.from_dir(demo_dir)
 
 
 def unrle(pairs):
