@@ -1,0 +1,87 @@
+"""The per-request decisions (auth, limits, reservation), and the limiter surviving a restart."""
+
+import pytest
+
+from herd.platform.config import Limits, PlatformConfig
+from herd.platform.ledger import UsageRecord
+from herd.platform.ratelimit import RateLimited
+from herd.platform.service import AuthError, Platform
+
+
+class Clock:
+    def __init__(self, t=2_000_000_000.0):
+        self.t = t
+
+    def __call__(self):
+        return self.t
+
+
+def test_open_until_a_key_exists(db):
+    p = Platform(PlatformConfig(), db)
+    p.start()
+    assert p.authenticate(None).key is None
+    assert p.authenticate("anything").key is None  # SDKs insist on sending some key
+    key, secret = p.keys.create("alice")
+    with pytest.raises(AuthError, match="required"):
+        p.authenticate(None)
+    with pytest.raises(AuthError, match="invalid"):
+        p.authenticate("herd-wrong")
+    assert p.authenticate(secret).key_id == key.id
+    p.keys.revoke("alice")
+    # Revoking the last key does not open the server again.
+    with pytest.raises(AuthError, match="invalid"):
+        p.authenticate(secret)
+    with pytest.raises(AuthError):
+        p.authenticate(None)
+
+
+def test_require_api_key_without_keys(db):
+    p = Platform(PlatformConfig(), db, require_api_key=True)
+    with pytest.raises(AuthError):
+        p.authenticate(None)
+
+
+def test_limits_and_reservation(db):
+    p = Platform(PlatformConfig(limits=Limits(rpm=5, tpm=500, default_reserve_tokens=64)), db)
+    a, sa = p.keys.create("a")
+    b, sb = p.keys.create("b", rpm=0, tpm=7)
+    assert p.limits_for(p.authenticate(sa)) == (5, 500)
+    assert p.limits_for(p.authenticate(sb)) == (0, 7)
+    assert p.reservation(100, 20) == 120
+    assert p.reservation(100, None) == 164  # the configured default, not the context
+    assert p.reservation(100, 20, n=3) == 160
+
+
+def test_limits_survive_a_restart(db):
+    """A key at its limit is still at its limit after the server restarts, including for the
+    requests a crash cut off (their reservation counts)."""
+    clock = Clock()
+    config = PlatformConfig(limits=Limits(rpm=3, tpm=1000))
+    p = Platform(config, db, clock=clock)
+    p.start()
+    key, secret = p.keys.create("k")
+    caller = p.authenticate(secret)
+    rpm, tpm = p.limits_for(caller)
+    # Two requests end normally, one is in flight when the server dies.
+    for i, (used, done) in enumerate([(100, True), (200, True), (None, False)]):
+        charge, _ = p.limiter.take(key.id, rpm, tpm)
+        p.limiter.reserve(charge, 300, rpm, tpm)
+        p.ledger.begin(UsageRecord(f"r{i}", "m", key.id, created_at=clock.t, prompt_tokens=50, reserved_tokens=300))
+        if done:
+            p.limiter.settle(charge, used)
+            p.ledger.end(UsageRecord(f"r{i}", "m", key.id, status="finished", created_at=clock.t,
+                                     prompt_tokens=50, completion_tokens=used - 50))
+        clock.t += 1
+    before = p.limiter.snapshot(key.id, rpm, tpm)
+    assert (before.requests_remaining, before.tokens_remaining) == (0, 400)
+
+    clock.t += 5
+    restarted = Platform(config, db, clock=clock)
+    restarted.start()
+    assert restarted.ledger.get("r2").status == "aborted"
+    after = restarted.limiter.snapshot(key.id, rpm, tpm)
+    assert (after.requests_remaining, after.tokens_remaining) == (0, 400)
+    with pytest.raises(RateLimited):
+        restarted.limiter.take(key.id, rpm, tpm)
+    clock.t += 60
+    assert restarted.limiter.snapshot(key.id, rpm, tpm).requests_remaining == 3
