@@ -302,7 +302,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo-model", help="write the tiny random-weight demo checkpoint")
     p.add_argument("out_dir")
     p.set_defaults(func=cmd_demo_model)
+
+    # Subcommands whose code lives with what they serve: each module gives add_arguments/run.
+    for name, module, help_text in (
+        ("plan", "herd.plan", "KV-cache memory per token and the longest context a budget admits"),
+        ("convert-gguf", "herd.gguf", "convert a dense Llama GGUF file into a Llama 4 text checkpoint"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        _lazy(module).add_arguments(p)
+        p.set_defaults(func=lambda args, module=module: _lazy(module).run(args))
     return parser
+
+
+def _lazy(module: str):
+    import importlib
+
+    return importlib.import_module(module)
 
 
 def main(argv: list[str] | None = None) -> int:
