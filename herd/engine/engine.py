@@ -56,10 +56,15 @@ class EngineStats:
 
 
 def resolve_model_dir(model: str | Path | None) -> Path:
-    """None or "demo" -> the demo checkpoint (made once in herd's cache); else a directory."""
+    """A checkpoint directory. None -> the default model (SmolLM2-135M-Instruct converted to a
+    Llama 4 text checkpoint, made once in herd's cache); "demo" -> the random-weight demo."""
     from herd.demo import DEMO_NAME, ensure_demo_model
 
-    if model is None or str(model) == DEMO_NAME:
+    if model is None:
+        from herd.default_model import ensure_default_model
+
+        return ensure_default_model()
+    if str(model) == DEMO_NAME:
         return ensure_demo_model()
     path = Path(model)
     if not (path / "config.json").is_file():
