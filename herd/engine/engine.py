@@ -41,6 +41,7 @@ class EngineOptions:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enable_prefix_caching: bool = True
     gpu_memory_utilization: float = 0.9  # on CUDA, the share of free memory the KV cache may take
+    kv_cache_dtype: str = "auto"  # "fp8": K/V in E4M3 with per-token scales, about half the bytes
 
 
 @dataclass
@@ -158,7 +159,9 @@ class Engine:
             # A chunked layer holds at most the current chunk plus one step's tokens per sequence.
             per_seq = text.attention_chunk_size // bs + 2
             chunked_blocks = min(global_blocks, options.max_num_seqs * per_seq + options.max_num_batched_tokens // bs)
-        self.cache = KVCache(text, {GLOBAL: global_blocks, CHUNKED: chunked_blocks}, bs, dtype, device)
+        self.cache = KVCache(
+            text, {GLOBAL: global_blocks, CHUNKED: chunked_blocks}, bs, dtype, device, options.kv_cache_dtype
+        )
         self.blocks = KVBlockManager(self.cache, text.attention_chunk_size, options.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, options.max_num_seqs, options.max_num_batched_tokens)
         self.runner = Runner(model, self.cache, device)
@@ -172,7 +175,7 @@ class Engine:
             return self.options.kv_cache_tokens
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
-            per_token = text.num_hidden_layers * text.num_key_value_heads * text.head_dim * 2 * dtype.itemsize
+            per_token = KVCache.bytes_per_token(text, dtype, self.options.kv_cache_dtype)
             return int(free * self.options.gpu_memory_utilization) // per_token
         return max(4 * self.max_model_len, 16 * self.options.block_size)
 
@@ -320,7 +323,9 @@ def _load_engine(model, dtype, device, engine_options) -> Engine:
     config = load_config(model_dir)
     tokenizer = Tokenizer.from_dir(model_dir)
     torch_dtype = resolve_dtype(dtype, config, device)
-    text_model = load_text_model(model_dir, config, torch_dtype, device)
+    # quantization="fp8" / "fp8-all": a bf16 checkpoint quantized while loading (FP8 ones need none).
+    quantization = engine_options.pop("quantization", None)
+    text_model = load_text_model(model_dir, config, torch_dtype, device, quantization)
     engine = Engine(model_dir, config, tokenizer, text_model, device, torch_dtype, EngineOptions(**engine_options))
     if config.is_multimodal and config.vision is not None:
         from herd.model.vision import load_vision_model

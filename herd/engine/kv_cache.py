@@ -115,7 +115,13 @@ class BlockPool:
 
 
 class KVCache:
-    """K/V tensors for every layer, shaped [num_blocks * block_size, kv_heads, head_dim]."""
+    """K/V tensors for every layer, shaped [num_blocks * block_size, kv_heads, head_dim].
+
+    kv_dtype "auto" stores K/V in the model's dtype; "fp8" stores them in E4M3 with a float32
+    scale per token and head (about half the bytes per token: (head_dim + 4) / (2 * head_dim)).
+    """
+
+    KV_DTYPES = ("auto", "fp8")
 
     def __init__(
         self,
@@ -124,24 +130,46 @@ class KVCache:
         block_size: int,
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
+        kv_dtype: str = "auto",
     ):
         if cfg.attention_chunk_size is not None and cfg.attention_chunk_size % block_size:
             raise ValueError(
                 f"block_size {block_size} must divide attention_chunk_size {cfg.attention_chunk_size}"
             )
+        if kv_dtype not in self.KV_DTYPES:
+            raise ValueError(f"unsupported kv_cache_dtype {kv_dtype!r}: use one of {self.KV_DTYPES}")
         self.block_size = block_size
+        self.kv_dtype = kv_dtype
         self.groups = layer_groups(cfg)
         self.group_names = sorted(set(self.groups))
         self.pools = {g: BlockPool(num_blocks[g]) for g in self.group_names}
         shape = (cfg.num_key_value_heads, cfg.head_dim)
+        fp8 = kv_dtype == "fp8"
+        store = torch.float8_e4m3fn if fp8 else dtype
+
+        def scales(g):
+            return torch.zeros(num_blocks[g] * block_size, shape[0], device=device) if fp8 else None
+
         self.layers = [
             LayerKV(
-                k=torch.zeros(num_blocks[g] * block_size, *shape, dtype=dtype, device=device),
-                v=torch.zeros(num_blocks[g] * block_size, *shape, dtype=dtype, device=device),
+                k=torch.zeros(num_blocks[g] * block_size, *shape, dtype=store, device=device),
+                v=torch.zeros(num_blocks[g] * block_size, *shape, dtype=store, device=device),
                 group=g,
+                k_scale=scales(g),
+                v_scale=scales(g),
             )
             for g in self.groups
         ]
+
+    @staticmethod
+    def bytes_per_token(cfg: TextConfig, dtype: torch.dtype, kv_dtype: str = "auto") -> int:
+        """K and V of one token over all layers (before chunked-window savings)."""
+        per_head = cfg.head_dim + 4 if kv_dtype == "fp8" else cfg.head_dim * dtype.itemsize
+        return cfg.num_hidden_layers * cfg.num_key_value_heads * 2 * per_head
+
+    def nbytes(self) -> int:
+        tensors = [t for layer in self.layers for t in (layer.k, layer.v, layer.k_scale, layer.v_scale) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class KVBlockManager:

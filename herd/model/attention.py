@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from herd.model.quant import quantize_per_token
+
 GLOBAL = "global"
 CHUNKED = "chunked"
 
@@ -48,11 +50,33 @@ class AttentionMetadata:
 
 @dataclass
 class LayerKV:
-    """The cache tensors of one layer: [num_slots, kv_heads, head_dim] each."""
+    """The cache tensors of one layer: [num_slots, kv_heads, head_dim] each.
+
+    An FP8 cache holds K and V in E4M3 with one float32 scale per token and head
+    (k_scale, v_scale: [num_slots, kv_heads]); otherwise the scales are None.
+    """
 
     k: torch.Tensor
     v: torch.Tensor
     group: str
+    k_scale: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
+
+
+def _store(cache: torch.Tensor, scales: torch.Tensor | None, slots: torch.Tensor, x: torch.Tensor) -> None:
+    if scales is None:
+        cache[slots] = x.to(cache.dtype)
+        return
+    # Per token and head: scale = amax over head_dim / 448, as for FP8 activations.
+    q, s = quantize_per_token(x.reshape(-1, x.shape[-1]))
+    cache[slots] = q.view(x.shape)
+    scales[slots] = s.view(x.shape[:-1])
+
+
+def _load(cache: torch.Tensor, scales: torch.Tensor | None, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if scales is None:
+        return cache[slots].to(dtype)
+    return cache[slots].to(dtype) * scales[slots][..., None].to(dtype)
 
 
 def paged_attention(
@@ -69,8 +93,8 @@ def paged_attention(
     chunk_size: None for global (causal) attention, else tokens attend only within their chunk.
     """
     tables = meta.groups[cache.group]
-    cache.k[tables.slot_mapping] = k_new.to(cache.k.dtype)
-    cache.v[tables.slot_mapping] = v_new.to(cache.v.dtype)
+    _store(cache.k, cache.k_scale, tables.slot_mapping, k_new)
+    _store(cache.v, cache.v_scale, tables.slot_mapping, v_new)
 
     out = torch.empty_like(q)
     bs = meta.block_size
@@ -81,8 +105,8 @@ def paged_attention(
         k_pos = torch.arange(lo, seq.context_len, device=q.device)
         table = tables.block_tables[i]
         slots = table[k_pos // bs] * bs + k_pos % bs
-        k = cache.k[slots].to(q.dtype)
-        v = cache.v[slots].to(q.dtype)
+        k = _load(cache.k, cache.k_scale, slots, q.dtype)
+        v = _load(cache.v, cache.v_scale, slots, q.dtype)
         mask = k_pos[None, :] <= q_pos[:, None]
         if chunk_size is not None:
             mask &= (k_pos[None, :] // chunk_size) == (q_pos[:, None] // chunk_size)
