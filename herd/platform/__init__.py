@@ -1,14 +1,16 @@
 """The platform layer: API keys, per-key rate limits, and the usage and cost ledger, in SQLite
-(default, $HERD_HOME/herd.db) or PostgreSQL. Imports SQLAlchemy; herd.model and herd.engine never
-import this package."""
+(default, $HERD_HOME/herd.db) or PostgreSQL.
 
-from herd.platform.config import PlatformConfig, Price, load_config
-from herd.platform.db import Database, open_database
-from herd.platform.keys import ApiKey, KeyStore
-from herd.platform.ledger import Ledger, UsageRecord
-from herd.platform.ratelimit import RateLimited, RateLimiter
+    config.py    herd.toml: database, auth, limits, prices (Maverick's by default)
+    db.py        the SQLAlchemy engine and Alembic migrations (migrations/)
+    keys.py      API keys: create (secret shown once, SHA-256 stored), list, revoke
+    ratelimit.py per-key RPM/TPM: reserve at admission, settle at the end, Together's headers
+    ledger.py    one usage row per request, with cost; summaries by key, model and day
+    service.py   Platform: the per-request decisions over all of the above
+    meter.py     the two hooks the HTTP routes call (no database imports)
+    middleware.py  FastAPI/ASGI integration: install(app, platform, model=...)
+    commands.py  `herd keys ...` and `herd usage`
 
-__all__ = [
-    "ApiKey", "Database", "KeyStore", "Ledger", "PlatformConfig", "Price", "RateLimited", "RateLimiter",
-    "UsageRecord", "load_config", "open_database",
-]
+This file imports nothing, so `herd.platform.meter` and `herd.platform.commands` stay cheap to
+import (the CLI registers its commands without loading SQLAlchemy).
+"""

@@ -22,9 +22,10 @@ from herd.server.state import ServerOptions, ServerState
 log = logging.getLogger("herd.server")
 
 
-def create_app(engine, options: ServerOptions | None = None) -> FastAPI:
+def create_app(engine, options: ServerOptions | None = None, platform=None) -> FastAPI:
     """`engine` is a loaded AsyncEngine. With options.owns_engine the app starts it on startup
-    and shuts it down on shutdown; otherwise the caller does (tests share one engine)."""
+    and shuts it down on shutdown; otherwise the caller does (tests share one engine).
+    `platform` (a herd.platform.service.Platform) adds API keys, rate limits and the usage ledger."""
     options = options or ServerOptions()
     state = ServerState(engine, options)
 
@@ -67,6 +68,10 @@ def create_app(engine, options: ServerOptions | None = None) -> FastAPI:
     async def metrics(request: Request) -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
+    if platform is not None:  # inside HerdMiddleware: request ids and body limits come first
+        from herd.platform.middleware import install
+
+        install(app, platform, model=state.model_name)
     app.add_middleware(HerdMiddleware, max_body_bytes=options.max_request_body_bytes, api_key=options.api_key)
     if options.allowed_origins:
         app.add_middleware(

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from starlette.requests import Request
 
 from herd.engine.sampling import SamplingParams
+from herd.platform.meter import observe
 from herd.server.errors import APIError, bad_request, model_not_found
 from herd.server.logprobs import TokenText
 from herd.server.metrics import Metrics
@@ -132,6 +133,7 @@ class ServerState:
         try:
             async for out in self.engine.generate(prompt_ids, params, request_id, prompt=prompt):
                 record.on_output(out)
+                observe(out)  # usage for the platform ledger (no-op without it)
                 if out.finished:
                     raise_if_failed(out)
                 yield out

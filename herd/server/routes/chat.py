@@ -10,6 +10,7 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from herd.platform.meter import reserve
 from herd.server.errors import bad_request
 from herd.server.logprobs import chat_logprobs, legacy_logprobs
 from herd.server.protocol import (
@@ -54,6 +55,7 @@ async def chat_completions(request: Request) -> Response:
         behavior=req.context_length_exceeded_behavior or "error",
     )
     st.check_prompt(prompt_ids, params, "messages")
+    reserve(len(prompt_ids), overrides.get("max_tokens"), n=params.n, images=count_images(messages))  # 429 over TPM
     ticket = st.admit()
     chat = _Chat(st, req, params, prompt_ids, new_id("chatcmpl"), int(time.time()))
     if req.stream:

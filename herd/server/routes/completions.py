@@ -9,6 +9,7 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from herd.platform.meter import reserve
 from herd.server.logprobs import legacy_logprobs, merge_legacy
 from herd.server.protocol import CompletionRequest, make_params, params_from, sampling_overrides
 from herd.server.routes.common import SSE_DONE, SSE_HEADERS, parse_body, sse, sse_error, state_of, usage
@@ -41,6 +42,7 @@ async def completions(request: Request) -> Response:
         )
         st.check_prompt(ids, params, param)
         jobs.append((ids, params, text))
+    reserve(sum(len(ids) for ids, _, _ in jobs), overrides.get("max_tokens"), n=sum(p.n for _, p, _ in jobs))
     ticket = st.admit(len(jobs))
     c = _Completion(st, req, jobs, new_id("cmpl"), int(time.time()))
     if req.stream:

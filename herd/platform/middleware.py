@@ -1,0 +1,286 @@
+"""The platform in a FastAPI app: `install(app, platform, model=...)`.
+
+It adds one plain ASGI middleware (it never buffers a stream) that, for every path but the open
+ones (/health, /ping, /version, /metrics) and CORS preflights:
+  - authenticates `Authorization: Bearer <key>` (or `x-api-key`): 401 `invalid_api_key` in
+    OpenAI's error shape; open while no key was ever created, unless `require_api_key`;
+  - on POST .../chat/completions and .../completions: takes a request slot (429 `retry-after`
+    when the key is over its requests per minute), lets the route reserve tokens
+    (herd.platform.meter.reserve -> 429 when over tokens per minute), and writes the request's
+    one ledger row at the end: finished, aborted (the client went away) or failed (an error
+    status or a streamed error), before the response's last bytes ([DONE], or the body) go out;
+  - puts Together's x-ratelimit-* / x-tokenlimit-* headers on every response to a keyed caller.
+It also serves GET /v1/usage (the caller's own usage by model and day) and answers RateLimited
+with 429. The routes report usage through herd.platform.meter.observe(out).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from herd.platform.ledger import UsageRecord
+from herd.platform.meter import _current
+from herd.platform.ratelimit import Charge, RateLimited
+from herd.platform.service import AuthError, Caller, Platform
+
+log = logging.getLogger("herd.platform")
+
+OPEN_PATHS = ("/health", "/ping", "/version", "/metrics")
+METERED_SUFFIXES = ("/chat/completions", "/completions")
+USAGE_PATHS = ("/v1/usage", "/v1/v1/usage")
+
+
+def _error_body(message: str, type_: str, code: str | None) -> bytes:
+    return json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
+
+
+async def _reply(send, status: int, message: str, type_: str, code: str | None, headers: dict[str, str] | None = None):
+    body = _error_body(message, type_, code)
+    hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    hdrs += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": hdrs})
+    await send({"type": "http.response.body", "body": body})
+
+
+def rate_limited_response(e: RateLimited) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"message": e.message, "type": "rate_limit_error", "param": None, "code": "rate_limit_exceeded"}},
+        status_code=429, headers=e.headers(),
+    )
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str:
+    for k, v in headers:
+        if k.lower() == name:
+            return v.decode("latin-1")
+    return ""
+
+
+class Meter:
+    """One metered HTTP request: its rate-limit charge, what the engine reported, its ledger row."""
+
+    def __init__(self, platform: Platform, caller: Caller, charge: Charge | None, limits: tuple[int, int], *,
+                 model: str, path: str, retry_count: int):
+        self.platform = platform
+        self.caller = caller
+        self.charge = charge
+        self.limits = limits
+        self.request_id = uuid.uuid4().hex
+        self.model = model
+        self.path = path
+        self.retry_count = retry_count
+        self.created_at = platform.clock()
+        self.started = time.monotonic()
+        self.outputs: dict[str, tuple[int, int, int]] = {}  # engine request id -> (prompt, generated, cached)
+        self.reserved = 0
+        self.images = 0
+        self.refused = False
+        self.http_status: int | None = None
+        self.stream_error: str | None = None
+        self.done = False
+        self._begin: asyncio.Future | None = None
+
+    def _record(self, **kw) -> UsageRecord:
+        return UsageRecord(
+            request_id=self.request_id, model=self.model, key_id=self.caller.key_id, path=self.path,
+            created_at=self.created_at, reserved_tokens=self.reserved, images=self.images,
+            retry_count=self.retry_count, **kw,
+        )
+
+    # -- called by the route (herd.platform.meter.reserve) --------------------------------------
+    def reserve(self, prompt_tokens: int, max_tokens: int | None, *, n: int = 1, images: int = 0) -> None:
+        tokens = self.platform.reservation(prompt_tokens, max_tokens, n)
+        if self.charge is not None:
+            rpm, tpm = self.limits
+            try:
+                self.platform.limiter.reserve(self.charge, tokens, rpm, tpm)
+            except RateLimited:
+                self.refused = True  # not admitted: no ledger row, no request counted
+                raise
+        self.reserved += tokens
+        self.images += images
+        # The admission row: it makes the limiter right after a crash, and shows the request as
+        # aborted if the server dies under it. Written off the event loop; `finish` waits for it.
+        record = self._record(prompt_tokens=prompt_tokens)
+        self._begin = asyncio.get_running_loop().run_in_executor(None, self.platform.ledger.begin, record)
+
+    # -- called by the middleware ----------------------------------------------------------------
+    def status(self) -> str:
+        s = self.http_status or 500
+        if s == 499:
+            return "aborted"
+        if s >= 400 or self.stream_error is not None:
+            return "failed"
+        return "finished"
+
+    def usage(self) -> tuple[int, int, int]:
+        """(prompt, completion, cached) tokens over the request's engine requests so far."""
+        outs = self.outputs.values()
+        return sum(o[0] for o in outs), sum(o[1] for o in outs), sum(o[2] for o in outs)
+
+    def settle(self) -> None:
+        """Replaces the token reservation with real usage (the limiter does it once)."""
+        if self.charge is not None:
+            prompt, completion, _ = self.usage()
+            self.platform.limiter.settle(self.charge, prompt + completion)
+
+    async def finish(self, status: str, error: str | None = None) -> None:
+        """Settles the rate-limit charge and completes the ledger row (once)."""
+        if self.done:
+            return
+        self.done = True
+        self.settle()
+        prompt, completion, cached = self.usage()
+        if self.refused:
+            return
+        record = self._record(
+            status=status, latency_s=time.monotonic() - self.started, prompt_tokens=prompt, cached_tokens=cached,
+            completion_tokens=completion, http_status=self.http_status,
+            response_id=next(iter(self.outputs), None), error=error or self.stream_error,
+        )
+        loop = asyncio.get_running_loop()
+        try:
+            if self._begin is not None:
+                await self._begin
+        except Exception:
+            log.exception("could not record the admission of request %s", self.request_id)
+        try:
+            await loop.run_in_executor(None, self.platform.ledger.end, record)
+        except Exception:
+            log.exception("could not write the usage record of request %s: %s", self.request_id, record)
+
+
+class PlatformMiddleware:
+    def __init__(self, app, *, platform: Platform, model: str):
+        self.app = app
+        self.platform = platform
+        self.model = model
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] == "OPTIONS" or scope["path"].startswith(OPEN_PATHS):
+            return await self.app(scope, receive, send)
+        p = self.platform
+        headers = scope.get("headers") or []
+        auth = _header(headers, b"authorization")
+        secret = auth[7:].strip() if auth[:7].lower() == "bearer " else _header(headers, b"x-api-key")
+        try:
+            caller = await asyncio.to_thread(p.authenticate, secret or None)
+        except AuthError as e:
+            return await _reply(send, 401, e.message, "invalid_request_error", "invalid_api_key",
+                                {"www-authenticate": "Bearer"})
+        scope.setdefault("state", {})["herd_caller"] = caller
+        limits = p.limits_for(caller)
+        key_id = caller.key_id
+
+        def with_limit_headers(message):
+            if key_id is None:
+                return message
+            snap = p.limiter.snapshot(key_id, *limits)
+            extra = [(k.encode(), v.encode()) for k, v in snap.headers().items()]
+            names = {k for k, _ in extra}
+            kept = [h for h in message.get("headers", []) if h[0].lower() not in names]
+            return {**message, "headers": kept + extra}
+
+        path = scope["path"]
+        if scope["method"] != "POST" or not path.endswith(METERED_SUFFIXES):
+            async def send_with_headers(message):
+                if message["type"] == "http.response.start":
+                    message = with_limit_headers(message)
+                await send(message)
+
+            return await self.app(scope, receive, send_with_headers)
+
+        charge = None
+        if key_id is not None:
+            try:
+                charge, _ = p.limiter.take(key_id, *limits)
+            except RateLimited as e:
+                return await _reply(send, 429, e.message, "rate_limit_error", "rate_limit_exceeded", e.headers())
+        try:
+            retries = min(max(int(_header(headers, b"x-stainless-retry-count") or 0), 0), 1_000_000)
+        except ValueError:
+            retries = 0
+        meter = Meter(p, caller, charge, limits, model=self.model, path=path, retry_count=retries)
+        scope["state"]["herd_usage_id"] = meter.request_id
+        token = _current.set(meter)
+
+        async def metered_send(message):
+            if message["type"] == "http.response.start":
+                meter.http_status = message["status"]
+                if not _header(message.get("headers", []), b"content-type").startswith("text/event-stream"):
+                    meter.settle()  # a whole body is ready: the engine is done, so the headers show real usage
+                message = with_limit_headers(message)
+            elif message["type"] == "http.response.body" and not meter.done:
+                body = message.get("body", b"")
+                if body.startswith(b'data: {"error"'):
+                    meter.stream_error = _stream_error(body)
+                # The record is written before the last bytes: the body's end, or a stream's [DONE].
+                if not message.get("more_body", False) or b"data: [DONE]" in body:
+                    await meter.finish(meter.status())
+            await send(message)
+
+        try:
+            await self.app(scope, receive, metered_send)
+        except BaseException as e:
+            if not meter.done:
+                gone = isinstance(e, (asyncio.CancelledError, OSError)) or type(e).__name__ == "ClientDisconnect"
+                status, error = ("aborted", "the client went away") if gone else ("failed", f"{type(e).__name__}: {e}")
+                await asyncio.shield(meter.finish(status, error))
+            raise
+        else:
+            if not meter.done:  # the response never completed: the client disconnected mid-stream
+                await meter.finish("aborted", "the client went away")
+        finally:
+            _current.reset(token)
+
+
+def _stream_error(body: bytes) -> str:
+    try:
+        return str(json.loads(body[len(b"data: "):].split(b"\n\n", 1)[0])["error"].get("message"))[:500]
+    except Exception:
+        return "error in stream"
+
+
+def install(app, platform: Platform, *, model: str) -> Platform:
+    """Mounts the platform on a FastAPI app (before the app's other middleware is added, so that
+    request ids and body limits run first): recovers the ledger and rate windows, adds the
+    middleware, the 429 handler and GET /v1/usage. `model` names the served model in the ledger."""
+    platform.start()
+    app.add_middleware(PlatformMiddleware, platform=platform, model=model)
+    async def on_rate_limited(request, e: RateLimited):
+        return rate_limited_response(e)
+
+    app.add_exception_handler(RateLimited, on_rate_limited)
+
+    async def usage(request: Request) -> JSONResponse:
+        caller: Caller | None = request.scope.get("state", {}).get("herd_caller")
+        since = request.query_params.get("since") or request.query_params.get("start_date")
+        until = request.query_params.get("until") or request.query_params.get("end_date")
+        key_id = caller.key_id if caller is not None else None
+        try:
+            rows = await asyncio.to_thread(
+                platform.ledger.summary, key_id=key_id, since=since, until=until, by=("model", "day")
+            )
+        except ValueError as e:
+            return JSONResponse({"error": {"message": str(e), "type": "invalid_request_error", "param": None,
+                                           "code": None}}, status_code=400)
+        key = None if caller is None or caller.key is None else {"id": caller.key.id, "name": caller.key.name}
+        total = {
+            k: sum(r[k] for r in rows)
+            for k in ("requests", "finished", "aborted", "failed", "retries", "prompt_tokens", "cached_tokens",
+                      "completion_tokens", "total_tokens", "images", "cost_usd")
+        }
+        total["cost_usd"] = round(total["cost_usd"], 10)
+        return JSONResponse({"object": "usage", "key": key, "data": rows, "total": total})
+
+    for path in USAGE_PATHS:
+        app.add_api_route(path, usage, methods=["GET"], include_in_schema=path == USAGE_PATHS[0])
+    return platform
