@@ -618,7 +618,7 @@ def main() -> None:
     lat_prompt = ", ".join(str(len(p)) for p in job["latency"])
     lines.append(f"Latency: {args.latency_requests} requests (prompts of {lat_prompt} tokens) one at a time, {N} output tokens each:")
     lines.append("")
-    lines.append("| engine | mean latency (s) | ms / output token | herd / this (latency) |")
+    lines.append("| engine | mean latency (s) | ms / output token | herd speed / this (its latency ÷ herd latency) |")
     lines.append("|---|---:|---:|---:|")
     herd_lat = statistics.mean(latency["herd"]["latency_s"]) if "herd" in latency else None
     for name in names:
