@@ -75,8 +75,7 @@ class SampleRow:
 @dataclass
 class Sampled:
     token_id: int
-    logprob: float
-    top_logprobs: dict[int, float] | None  # None unless asked for
+    top_logprobs: dict[int, float] | None  # None unless asked for; always holds token_id
 
 
 _SEED_MIX = 0x9E3779B97F4A7C15  # spreads (seed, position) over the 64-bit seed space
@@ -124,30 +123,45 @@ def _filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return probs / probs.sum()
 
 
+def _adjusts_logits(row: SampleRow) -> bool:
+    p = row.params
+    return bool(
+        p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty or p.logit_bias or row.blocked_ids
+    )
+
+
 def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sampled]:
-    """logits [n, vocab] float32, one row per entry of `rows` -> one token per row."""
-    raw_logprobs = torch.log_softmax(logits, dim=-1)
-    results = []
+    """logits [n, vocab] float32, one row per entry of `rows` -> one token per row.
+
+    The common case costs one batched argmax: greedy rows that change no logits skip the
+    per-row work, and log-softmax runs only over the rows that asked for logprobs.
+    """
+    tokens = torch.argmax(logits, dim=-1).tolist()  # right for plain greedy rows
     for i, row in enumerate(rows):
         p = row.params
-        adjusted = apply_penalties(logits[i].clone(), row)
+        if p.greedy and not _adjusts_logits(row):
+            continue
+        adjusted = apply_penalties(logits[i].clone(), row) if _adjusts_logits(row) else logits[i]
         if p.greedy:
-            token = int(torch.argmax(adjusted))
-        else:
-            probs = _filtered_probs(adjusted, p).cpu()
-            if p.seed is not None:
-                generator = _row_generator(p.seed, len(row.output_ids))
-            else:
-                generator = None
-            # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, one noise value per token.
-            noise = torch.empty_like(probs).exponential_(generator=generator)
-            token = int(torch.argmax(probs / noise))
-        top = None
-        if p.logprobs is not None:
+            tokens[i] = int(torch.argmax(adjusted))
+            continue
+        probs = _filtered_probs(adjusted, p).cpu()
+        generator = _row_generator(p.seed, len(row.output_ids)) if p.seed is not None else None
+        # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, one noise value per token.
+        noise = torch.empty_like(probs).exponential_(generator=generator)
+        tokens[i] = int(torch.argmax(probs / noise))
+
+    wanted = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
+    tops: dict[int, dict[int, float]] = {}
+    if wanted:
+        # Logprobs are the model's own distribution, before penalties and temperature.
+        raw = torch.log_softmax(logits[wanted], dim=-1)
+        for j, i in enumerate(wanted):
+            k = rows[i].params.logprobs
             top = {}
-            if p.logprobs > 0:
-                values, ids = torch.topk(raw_logprobs[i], p.logprobs)
-                top = {int(t): float(v) for t, v in zip(ids.tolist(), values.tolist())}
-            top[token] = float(raw_logprobs[i, token])
-        results.append(Sampled(token, float(raw_logprobs[i, token]), top))
-    return results
+            if k > 0:
+                values, ids = torch.topk(raw[j], k)
+                top = dict(zip(ids.tolist(), values.tolist()))
+            top[tokens[i]] = float(raw[j, tokens[i]])
+            tops[i] = top
+    return [Sampled(token, tops.get(i)) for i, token in enumerate(tokens)]
