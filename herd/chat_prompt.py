@@ -26,7 +26,7 @@ class ImageLimitError(ValueError):
 @dataclass
 class ImageOptions:
     limit_per_prompt: int = 5  # Meta's tested limit for Llama 4 (model card)
-    max_tiles: int = 16
+    max_tiles: int | None = None  # None: the checkpoint's (preprocessor_config.json), else 16
     fetch_timeout: float = 10.0
     max_image_bytes: int = 20 * 2**20
     allow_private_urls: bool = False
@@ -84,6 +84,7 @@ def build_chat_prompt(
     messages: list[dict[str, Any]],
     *,
     options: ImageOptions | None = None,
+    model_dir=None,
     **template_args: Any,
 ) -> ChatPrompt:
     """Renders the conversation; raises ValueError subclasses naming any bad image."""
@@ -101,9 +102,10 @@ def build_chat_prompt(
     from herd import multimodal
     from herd.model.vision import VisionConfig
 
-    vision = VisionConfig.from_model_config(model_config)
+    vision = VisionConfig.from_model_config(model_config, model_dir)
     processed = [
-        multimodal.preprocess(load_part_image(part, options), vision, max_tiles=options.max_tiles) for part in parts
+        multimodal.preprocess(load_part_image(part, options), vision, max_tiles=options.max_tiles or None)
+        for part in parts
     ]
     prompt_ids, images = expand_image_placeholders(
         prompt_ids,

@@ -39,6 +39,8 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", default=None, help="fp8 checkpoints are detected from their config")
     p.add_argument("--chat-template", default=None, help="a jinja chat template file (default: the checkpoint's)")
     p.add_argument("--limit-mm-per-prompt", default=None, help='e.g. \'{"image": 5}\'')
+    p.add_argument("--allow-private-image-urls", action="store_true",
+                   help="let image URLs point at private, loopback or link-local hosts (off: SSRF guard)")
     p.add_argument("--price-input", type=float, default=0.0, help="USD per 1M input tokens, shown in /v1/models")
     p.add_argument("--price-output", type=float, default=0.0, help="USD per 1M output tokens, shown in /v1/models")
     p.add_argument("--max-pending-requests", type=int, default=None,
@@ -201,6 +203,7 @@ def cmd_serve(args) -> int:
         allowed_headers=_json_list(args.allowed_headers),
         allow_credentials=args.allow_credentials,
         api_key=args.api_key or os.environ.get("HERD_API_KEY") or None,
+        allow_private_image_urls=args.allow_private_image_urls,
     )
     app = create_app(engine, options)
     config = uvicorn.Config(

@@ -24,6 +24,20 @@ def _error(status: int, message: str, code: str | None, request_id: str, param: 
     return status, headers, body
 
 
+_DRAIN_LIMIT = 64 * 1024 * 1024  # bodies up to this size are read to the end before a 413
+
+
+async def _drain(receive) -> None:
+    drained = 0
+    while drained <= _DRAIN_LIMIT:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        drained += len(message.get("body", b""))
+        if not message.get("more_body"):
+            return
+
+
 class HerdMiddleware:
     def __init__(self, app, *, max_body_bytes: int, api_key: str | None = None):
         self.app = app
@@ -57,6 +71,10 @@ class HerdMiddleware:
             except ValueError:
                 return await reply(400, "invalid Content-Length header", None)
             if too_big:
+                # Read (and drop) a moderately large body first: a client still uploading when the
+                # connection closes sees a reset instead of the 413 it should read.
+                if int(length) <= _DRAIN_LIMIT:
+                    await _drain(receive)
                 return await reply(
                     413, f"the request body is {int(length)} bytes; this server takes at most {limit}",
                     "request_too_large",
@@ -71,6 +89,8 @@ class HerdMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
+                    if message.get("more_body"):
+                        await _drain(receive)  # as above: let the client finish sending
                     # Raised inside the app: its APIError handler answers 413.
                     raise APIError(413, f"the request body is over {limit} bytes", code="request_too_large")
             return message

@@ -229,9 +229,11 @@ def _check_part(part: Any, where: str, role: str, allow_images: bool) -> None:
         if role != "user":
             raise bad_request(f"{where}: images are only allowed in user messages", param=where)
         if not allow_images:
-            raise bad_request(
-                f"{where}: this server does not accept image input (yet); send text parts only", param=where
-            )
+            raise bad_request(f"{where}: this model does not accept image input; send text parts only", param=where)
+        value = part.get("image_url", part.get("image"))
+        url = value.get("url") if isinstance(value, dict) else value
+        if not isinstance(url, str) or not url:
+            raise bad_request(f"{where}.image_url.url must be a non-empty string", param=f"{where}.image_url.url")
     else:
         raise bad_request(f"{where}.type must be 'text' or 'image_url'; got {kind!r}", param=f"{where}.type")
 

@@ -13,7 +13,10 @@ from typing import Any, TypeVar
 
 from starlette.requests import Request
 
+from herd.chat_prompt import ChatPrompt, ImageLimitError, ImageOptions, build_chat_prompt
 from herd.engine.sampling import SamplingParams
+from herd.image_fetch import FetchError
+from herd.multimodal import ImageError
 from herd.platform.meter import observe
 from herd.server.errors import APIError, bad_request, model_not_found
 from herd.server.logprobs import TokenText
@@ -36,6 +39,7 @@ class ServerOptions:
     allowed_headers: list[str] = field(default_factory=lambda: ["*"])
     allow_credentials: bool = False
     api_key: str | None = None
+    allow_private_image_urls: bool = False  # image URLs on private/loopback hosts (off: SSRF guard)
     owns_engine: bool = True  # start the engine with the app and shut it down with it
 
 
@@ -70,8 +74,8 @@ class ServerState:
         max_num_seqs = engine.engine.options.max_num_seqs
         self.max_pending = options.max_pending_requests or 4 * max_num_seqs
         self.pending = 0
-        # Image input arrives with the vision issue; until then image parts are refused clearly.
-        self.accepts_images = False
+        # Checkpoints with a vision tower take image parts; others refuse them clearly.
+        self.accepts_images = getattr(engine.engine.runner, "vision_model", None) is not None
 
     # -- checks ---------------------------------------------------------------------------
     def check_model(self, model: str | None) -> None:
@@ -100,10 +104,20 @@ class ServerState:
 
     # -- tokenization (off the event loop: a huge prompt must not stall other clients) ------
     async def encode_chat(self, messages, *, tools=None, add_generation_prompt=True, continue_final_message=False,
-                          chat_template_kwargs=None) -> list[int]:
+                          chat_template_kwargs=None) -> ChatPrompt:
+        """Prompt ids and images; image fetching and decoding happen here too, off the loop."""
+        options = ImageOptions(
+            limit_per_prompt=self.options.limit_mm_per_prompt.get("image", 0),
+            allow_private_urls=self.options.allow_private_image_urls,
+        )
+
         def run():
-            return self.tokenizer.apply_chat_template(
+            return build_chat_prompt(
+                self.tokenizer,
+                self.engine.config,
                 messages,
+                options=options,
+                model_dir=self.engine.model_dir,
                 tools=tools,
                 add_generation_prompt=add_generation_prompt and not continue_final_message,
                 continue_final_message=continue_final_message,
@@ -115,6 +129,8 @@ class ServerState:
             return await asyncio.to_thread(run)
         except APIError:
             raise
+        except (ImageError, FetchError, ImageLimitError) as e:  # bad or too many images: say which
+            raise bad_request(str(e), param="messages") from None
         except Exception as e:  # template errors (raise_exception, bad shapes) are the client's
             raise bad_request(f"could not apply the chat template: {e}", param="messages") from None
 
@@ -127,11 +143,12 @@ class ServerState:
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str, ticket: Ticket | None = None,
         prompt: str | None = None,
+        images=None,
     ) -> AsyncIterator[Any]:
         """engine.generate with metrics and failure mapping; stopping early aborts the request."""
         record = self.metrics.request(len(prompt_ids))
         try:
-            async for out in self.engine.generate(prompt_ids, params, request_id, prompt=prompt):
+            async for out in self.engine.generate(prompt_ids, params, request_id, prompt=prompt, images=images):
                 record.on_output(out)
                 observe(out)  # usage for the platform ledger (no-op without it)
                 if out.finished:
@@ -146,9 +163,9 @@ class ServerState:
             if ticket is not None:
                 ticket.release()
 
-    async def final_output(self, prompt_ids, params, request_id, ticket=None, prompt=None):
+    async def final_output(self, prompt_ids, params, request_id, ticket=None, prompt=None, images=None):
         last = None
-        async for out in self.generate(prompt_ids, params, request_id, ticket, prompt):
+        async for out in self.generate(prompt_ids, params, request_id, ticket, prompt, images):
             last = out
         return last
 

@@ -40,13 +40,14 @@ async def chat_completions(request: Request) -> Response:
         raise bad_request("continue_final_message needs a final assistant message", param="messages")
     overrides = sampling_overrides(req)
     defaults = params_from(st.engine, overrides)
-    prompt_ids = await st.encode_chat(
+    chat_prompt = await st.encode_chat(
         messages,
         tools=req.tools,
         add_generation_prompt=bool(req.add_generation_prompt),
         continue_final_message=bool(req.continue_final_message),
         chat_template_kwargs=req.chat_template_kwargs,
     )
+    prompt_ids, images = chat_prompt.prompt_ids, chat_prompt.images
     params = make_params(
         defaults,
         overrides,
@@ -57,11 +58,11 @@ async def chat_completions(request: Request) -> Response:
     st.check_prompt(prompt_ids, params, "messages")
     reserve(len(prompt_ids), overrides.get("max_tokens"), n=params.n, images=count_images(messages))  # 429 over TPM
     ticket = st.admit()
-    chat = _Chat(st, req, params, prompt_ids, new_id("chatcmpl"), int(time.time()))
+    chat = _Chat(st, req, params, prompt_ids, new_id("chatcmpl"), int(time.time()), images)
     if req.stream:
         return StreamingResponse(chat.stream(ticket), media_type="text/event-stream", headers=SSE_HEADERS)
     try:
-        out = await until_disconnected(request, st.final_output(prompt_ids, params, chat.id, ticket))
+        out = await until_disconnected(request, st.final_output(prompt_ids, params, chat.id, ticket, images=images))
     except ClientGone:
         return Response(status_code=499)
     return JSONResponse(chat.response(out))
@@ -70,8 +71,10 @@ async def chat_completions(request: Request) -> Response:
 class _Chat:
     """Builds the response body or the chunks of one chat completion."""
 
-    def __init__(self, st: ServerState, req: ChatCompletionRequest, params, prompt_ids, id: str, created: int):
+    def __init__(self, st: ServerState, req: ChatCompletionRequest, params, prompt_ids, id: str, created: int,
+                 images=None):
         self.st = st
+        self.images = images
         self.req = req
         self.params = params
         self.prompt_ids = prompt_ids
@@ -156,7 +159,7 @@ class _Chat:
                 yield self._chunk(
                     [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
                 )
-            async for out in st.generate(self.prompt_ids, self.params, self.id, ticket):
+            async for out in st.generate(self.prompt_ids, self.params, self.id, ticket, images=self.images):
                 pending = []
                 for o in out.outputs:
                     if o.index in finished:

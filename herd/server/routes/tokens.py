@@ -24,13 +24,13 @@ async def tokenize(request: Request) -> JSONResponse:
         raise bad_request("give exactly one of `prompt` and `messages`", param="prompt")
     if req.messages is not None:
         messages = check_messages(req.messages, allow_images=st.accepts_images)
-        ids = await st.encode_chat(
+        ids = (await st.encode_chat(
             messages,
             tools=req.tools,
             add_generation_prompt=req.add_generation_prompt,
             continue_final_message=req.continue_final_message,
             chat_template_kwargs=req.chat_template_kwargs,
-        )
+        )).prompt_ids  # with images laid out, as the model will see them
     else:
         ids = await st.encode_text(req.prompt, add_bos=req.add_special_tokens)
     body = {"count": len(ids), "max_model_len": st.max_model_len, "tokens": ids}
