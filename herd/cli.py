@@ -35,8 +35,11 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV-cache size in tokens (default: sized for the device)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--kv-cache-dtype", default="auto", help="only auto (the model's dtype) for now")
-    p.add_argument("--quantization", default=None, help="fp8 checkpoints are detected from their config")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                   help="fp8: K/V stored in E4M3 with scales, about half the memory per token")
+    p.add_argument("--quantization", default=None, choices=["fp8", "fp8-all"],
+                   help="quantize a bf16 checkpoint to FP8 while loading (fp8: routed experts, as Meta's "
+                        "release; fp8-all: every linear layer but router and lm_head). FP8 checkpoints need none")
     p.add_argument("--chat-template", default=None, help="a jinja chat template file (default: the checkpoint's)")
     p.add_argument("--limit-mm-per-prompt", default=None, help='e.g. \'{"image": 5}\'')
     p.add_argument("--allow-private-image-urls", action="store_true",
@@ -50,7 +53,13 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allowed-methods", default='["*"]')
     p.add_argument("--allowed-headers", default='["*"]')
     p.add_argument("--allow-credentials", action="store_true")
-    p.add_argument("--api-key", default=None, help="require this bearer token (or set HERD_API_KEY)")
+    p.add_argument("--api-key", default=None, help="require this one bearer token (or set HERD_API_KEY)")
+    p.add_argument("--config", default=None,
+                   help="platform configuration (herd.toml: database, prices, rate limits; default: built in)")
+    p.add_argument("--require-api-key", action="store_true",
+                   help="refuse requests without a key made by `herd keys create` (default: only once a key exists)")
+    p.add_argument("--no-platform", action="store_true",
+                   help="serve without API keys, rate limits and the usage ledger")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds in-flight requests get to finish before they are aborted")
     p.add_argument("--uvicorn-log-level", default="info")
@@ -173,10 +182,12 @@ def cmd_serve(args) -> int:
         return 2
     from herd.engine.engine import AsyncEngine
 
-    if args.kv_cache_dtype not in ("auto", None):
-        raise ValueError(f"--kv-cache-dtype {args.kv_cache_dtype} is not supported yet (only auto)")
-    if args.quantization and args.quantization != "fp8":
-        raise ValueError(f"--quantization {args.quantization} is not supported (fp8 checkpoints load as they are)")
+    platform = None
+    if not args.no_platform:
+        from herd.platform.config import load_config as load_platform_config
+        from herd.platform.service import Platform
+
+        platform = Platform(load_platform_config(args.config), require_api_key=True if args.require_api_key else None)
     model = args.model_dir or args.model
     engine = AsyncEngine.from_pretrained(
         model,
@@ -189,13 +200,21 @@ def cmd_serve(args) -> int:
         kv_cache_tokens=args.kv_cache_tokens,
         enable_prefix_caching=args.enable_prefix_caching,
         gpu_memory_utilization=args.gpu_memory_utilization,
+        kv_cache_dtype=args.kv_cache_dtype,
+        quantization=args.quantization,
     )
+    names = args.served_model_name or [engine.model_dir.name]
+    price_input, price_output = args.price_input, args.price_output
+    if platform is not None and not (price_input or price_output):
+        # /v1/models shows what the ledger bills.
+        price = platform.config.price_for(names[0])
+        price_input, price_output = price.input, price.output
     options = ServerOptions(
         served_model_names=args.served_model_name or [],
         chat_template=_read_template(args.chat_template),
         limit_mm_per_prompt=_parse_limits(args.limit_mm_per_prompt),
-        price_input=args.price_input,
-        price_output=args.price_output,
+        price_input=price_input,
+        price_output=price_output,
         max_pending_requests=args.max_pending_requests,
         max_request_body_bytes=args.max_request_body_bytes,
         allowed_origins=_json_list(args.allowed_origins),
@@ -205,7 +224,7 @@ def cmd_serve(args) -> int:
         api_key=args.api_key or os.environ.get("HERD_API_KEY") or None,
         allow_private_image_urls=args.allow_private_image_urls,
     )
-    app = create_app(engine, options)
+    app = create_app(engine, options, platform=platform)
     config = uvicorn.Config(
         app,
         host=args.host,
@@ -305,6 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo-model", help="write the tiny random-weight demo checkpoint")
     p.add_argument("out_dir")
     p.set_defaults(func=cmd_demo_model)
+
+    from herd.platform import commands as platform_commands  # `herd keys ...`, `herd usage`
+
+    platform_commands.add_arguments(sub)
 
     # Subcommands whose code lives with what they serve: each module gives add_arguments/run.
     for name, module, help_text in (
