@@ -6,13 +6,14 @@ position p lives at slot `block_table[p // block_size] * block_size + p % block_
 layer's cache tensors. Chunked layers only ever read the current chunk, so blocks of chunks a
 sequence has left behind may be released (their table entries are then -1 and never read).
 
-This is the portable backend (CPU and any GPU): it gathers each sequence's K/V and calls
-PyTorch's scaled_dot_product_attention with an explicit mask.
+This is the portable backend (CPU and any GPU): it gathers K/V through the block tables and
+calls PyTorch's scaled_dot_product_attention with an explicit mask. Decoding sequences (one
+new token each) share one padded, batched call per layer; prefills run one sequence at a time.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -41,11 +42,52 @@ class GroupTables:
 
 
 @dataclass
+class DecodePlan:
+    """Where the decoding sequences' K/V lie, padded to one length; shared by a group's layers."""
+
+    rows: torch.Tensor  # [B] long: the batch row of each decoding sequence's token
+    slots: torch.Tensor  # [B, L] long: cache slots of the keys each one reads (0 where padded)
+    valid: torch.Tensor  # [B, L] bool: which of those are real keys
+    others: list[int]  # indices (into seqs) of the sequences that are not decoding
+
+
+@dataclass
 class AttentionMetadata:
     positions: torch.Tensor  # [T] long
     seqs: list[SeqSlice]
     groups: dict[str, GroupTables]
     block_size: int
+    # Built on first use by the first layer of each (group, chunking), reused by the others.
+    decode_plans: dict = field(default_factory=dict)
+
+    def decode_plan(self, group: str, chunk_size: int | None) -> DecodePlan:
+        key = (group, chunk_size)
+        if key not in self.decode_plans:
+            self.decode_plans[key] = self._make_decode_plan(group, chunk_size)
+        return self.decode_plans[key]
+
+    def _make_decode_plan(self, group: str, chunk_size: int | None) -> DecodePlan:
+        device = self.positions.device
+        decoding = [i for i, s in enumerate(self.seqs) if s.end - s.start == 1]
+        others = [i for i, s in enumerate(self.seqs) if s.end - s.start != 1]
+        if not decoding:
+            empty = torch.zeros(0, 0, dtype=torch.long, device=device)
+            return DecodePlan(torch.zeros(0, dtype=torch.long, device=device), empty, empty.bool(), others)
+        bs = self.block_size
+        lengths = [self.seqs[i].context_len for i in decoding]
+        # The token at position n - 1 reads [lo, n): all of it, or its own chunk.
+        starts = [0 if chunk_size is None else ((n - 1) // chunk_size) * chunk_size for n in lengths]
+        width = max(n - lo for n, lo in zip(lengths, starts))
+        positions = torch.tensor(starts, device=device)[:, None] + torch.arange(width, device=device)[None, :]
+        valid = positions < torch.tensor(lengths, device=device)[:, None]
+        tables = torch.nn.utils.rnn.pad_sequence(
+            [self.groups[group].block_tables[i] for i in decoding], batch_first=True, padding_value=0
+        )
+        block_index = torch.where(valid, positions // bs, 0)
+        blocks = tables.gather(1, block_index).clamp(min=0)
+        slots = torch.where(valid, blocks * bs + positions % bs, 0)
+        rows = torch.tensor([self.seqs[i].start for i in decoding], device=device)
+        return DecodePlan(rows, slots, valid, others)
 
 
 @dataclass
@@ -97,10 +139,26 @@ def paged_attention(
     _store(cache.v, cache.v_scale, tables.slot_mapping, v_new)
 
     out = torch.empty_like(q)
+    plan = meta.decode_plan(cache.group, chunk_size)
+    if len(plan.rows):
+        b, width = plan.slots.shape
+        k = _load(cache.k, cache.k_scale, plan.slots.reshape(-1), q.dtype).view(b, width, *cache.k.shape[1:])
+        v = _load(cache.v, cache.v_scale, plan.slots.reshape(-1), q.dtype).view(b, width, *cache.v.shape[1:])
+        o = F.scaled_dot_product_attention(
+            q[plan.rows].unsqueeze(2),  # [B, Hq, 1, D]
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=plan.valid[:, None, None, :],
+            scale=scale,
+            enable_gqa=True,
+        )
+        out[plan.rows] = o.squeeze(2)
     bs = meta.block_size
-    for i, seq in enumerate(meta.seqs):
+    for i in plan.others:
+        seq = meta.seqs[i]
         q_pos = meta.positions[seq.start : seq.end]
-        first = int(q_pos[0])
+        # New tokens are the last of the context, so the first one's position is known on the host.
+        first = seq.context_len - (seq.end - seq.start)
         lo = 0 if chunk_size is None else (first // chunk_size) * chunk_size
         k_pos = torch.arange(lo, seq.context_len, device=q.device)
         table = tables.block_tables[i]
