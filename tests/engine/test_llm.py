@@ -128,3 +128,28 @@ def test_long_context_keeps_only_global_layers_growing(demo_dir):
     assert peak["global"] == -(-(len(prompt) + 8) // 16)
     assert peak["chunked"] <= (chunk + 128) // 16 + 1
     assert all(p.num_free == p.num_blocks for p in engine.cache.pools.values())
+
+
+def test_min_tokens_and_include_stop_str(llm):
+    eos = sorted(llm.engine.eos_ids)[0]
+    # A huge bias makes the end-of-turn token the greedy choice at every step...
+    forced = SamplingParams(max_tokens=10, temperature=0, logit_bias={eos: 100.0})
+    assert llm.generate(PROMPTS[0], forced)[0].outputs[0].token_ids == [eos]
+    # ...but min_tokens keeps stop tokens out until that many tokens exist.
+    held = SamplingParams(max_tokens=10, temperature=0, logit_bias={eos: 100.0}, min_tokens=4)
+    out = llm.generate(PROMPTS[0], held)[0].outputs[0]
+    assert len(out.token_ids) == 5 and out.token_ids[-1] == eos and eos not in out.token_ids[:4]
+    full = llm.generate(PROMPTS[2], GREEDY)[0].outputs[0]
+    stop = full.text[5:9]
+    kept = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=[stop], include_stop_str_in_output=True)
+    out = llm.generate(PROMPTS[2], kept)[0].outputs[0]
+    assert out.text == full.text[: full.text.find(stop) + len(stop)]
+
+
+def test_skip_special_tokens(llm):
+    special = llm.tokenizer.token_to_id("<|header_start|>")
+    params = dict(max_tokens=3, temperature=0, logit_bias={special: 100.0}, ignore_eos=True)
+    shown = llm.generate(PROMPTS[0], SamplingParams(skip_special_tokens=False, **params))[0].outputs[0]
+    hidden = llm.generate(PROMPTS[0], SamplingParams(**params))[0].outputs[0]
+    assert shown.token_ids == hidden.token_ids == [special] * 3
+    assert shown.text == "<|header_start|>" * 3 and hidden.text == ""

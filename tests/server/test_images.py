@@ -49,21 +49,38 @@ def image_host():
     httpd.shutdown()
 
 
-def test_one_to_five_images_count_as_prompt_tokens(http):
-    text_only = _chat(http, []).json()["usage"]["prompt_tokens"]
-    previous = text_only
+def _sdk_messages(urls):
+    content = [{"type": "text", "text": "What is in these pictures?"}]
+    content += [{"type": "image_url", "image_url": {"url": u}} for u in urls]
+    return [{"role": "user", "content": content}]
+
+
+def test_one_to_five_images_through_the_openai_sdk(base_url):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
+    previous = client.chat.completions.create(
+        model=MODEL, messages=_sdk_messages([]), max_tokens=4, temperature=0
+    ).usage.prompt_tokens
     for n in range(1, 6):
-        reply = _chat(http, [_data_url(_png(40 + 30 * i, 60, (i * 40, 90, 200))) for i in range(n)])
-        assert reply.status_code == 200, reply.text
-        tokens = reply.json()["usage"]["prompt_tokens"]
-        assert tokens >= previous + 144  # every image adds at least one 144-token tile
+        urls = [_data_url(_png(40 + 30 * i, 60, (i * 40, 90, 200))) for i in range(n)]
+        reply = client.chat.completions.create(model=MODEL, messages=_sdk_messages(urls), max_tokens=4, temperature=0)
+        assert reply.choices[0].finish_reason in ("stop", "length")
+        tokens = reply.usage.prompt_tokens
+        assert tokens >= previous + 144  # images count as prompt tokens: at least one 144-token tile each
         previous = tokens
+    stream = client.chat.completions.create(
+        model=MODEL, messages=_sdk_messages(urls[:1]), max_tokens=4, temperature=0, stream=True
+    )
+    assert any(chunk.choices and chunk.choices[0].finish_reason for chunk in stream)
 
 
-def test_six_images_are_refused(http):
-    reply = _chat(http, [_data_url(_png())] * 6)
-    assert reply.status_code == 400
-    assert "at most 5 images" in reply.json()["error"]["message"]
+def test_six_images_are_refused(base_url):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="at most 5 images"):
+        client.chat.completions.create(model=MODEL, messages=_sdk_messages([_data_url(_png())] * 6), max_tokens=4)
 
 
 def test_streaming_with_an_image(http):
@@ -76,15 +93,18 @@ def test_streaming_with_an_image(http):
 
 
 def test_http_urls_need_the_allow_option(engine, http, image_host):
+    import openai
+
     reply = _chat(http, [f"{image_host}/ok.png"])
     assert reply.status_code == 400 and "private or internal" in reply.json()["error"]["message"]
     with make_server(engine, allow_private_image_urls=True) as url:
-        import httpx
-
-        with httpx.Client(base_url=url, timeout=120) as client:
-            assert _chat(client, [f"{image_host}/ok.png"]).status_code == 200
-            missing = _chat(client, [f"{image_host}/missing.png"])
-            assert missing.status_code == 400 and "404" in missing.json()["error"]["message"]
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        ok = client.chat.completions.create(
+            model=MODEL, messages=_sdk_messages([f"{image_host}/ok.png"]), max_tokens=2, temperature=0
+        )
+        assert ok.usage.prompt_tokens > 144
+        with pytest.raises(openai.BadRequestError, match="404"):
+            client.chat.completions.create(model=MODEL, messages=_sdk_messages([f"{image_host}/missing.png"]), max_tokens=2)
 
 
 def _bomb() -> bytes:
