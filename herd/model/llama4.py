@@ -14,7 +14,15 @@ from torch import nn
 
 from herd.config import TextConfig
 from herd.model.attention import AttentionMetadata, LayerKV, paged_attention
-from herd.model.layers import RMSNorm, SwiGLU, apply_rope_interleaved, rms_normalize, rope_cos_sin, rope_inv_freq
+from herd.model.layers import (
+    RMSNorm,
+    SwiGLU,
+    apply_rope_interleaved,
+    rms_normalize,
+    rope_cos_sin,
+    rope_inv_freq,
+    route_to_experts,
+)
 
 
 class Attention(nn.Module):
@@ -73,16 +81,10 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """x [T, H]; expert_ids, scores [T, k] -> sum over k of expert(score * x), [T, H]."""
-        top_k = expert_ids.shape[1]
-        flat_experts = expert_ids.flatten()
-        order = torch.argsort(flat_experts, stable=True)
-        token_of = torch.arange(x.shape[0], device=x.device).repeat_interleave(top_k)[order]
-        # The router score scales the expert's input, not its output (Llama 4's choice).
-        routed_in = x[token_of] * scores.flatten()[order, None].to(x.dtype)
-        counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
+        routed_in, token_of, counts = route_to_experts(x, expert_ids, scores, self.num_experts)
         out = torch.zeros_like(x)
         start = 0
-        for expert, count in enumerate(counts):
+        for expert, count in enumerate(counts.tolist()):
             if count == 0:
                 continue
             end = start + count

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from herd.model.layers import route_to_experts
+
 log = logging.getLogger("herd.quant")
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -129,13 +131,8 @@ class Fp8RoutedExperts(nn.Module):
         self.grouped = False  # torch._scaled_grouped_mm, set when it was probed to work here
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        top_k = expert_ids.shape[1]
-        flat_experts = expert_ids.flatten()
-        order = torch.argsort(flat_experts, stable=True)
-        token_of = torch.arange(x.shape[0], device=x.device).repeat_interleave(top_k)[order]
         # Score first, then per-token FP8 quantization inside each matmul (Llama 4's order).
-        routed_in = x[token_of] * scores.flatten()[order, None].to(x.dtype)
-        counts = torch.bincount(flat_experts, minlength=self.num_experts)
+        routed_in, token_of, counts = route_to_experts(x, expert_ids, scores, self.num_experts)
         if self.grouped:
             y = self._grouped(routed_in, counts)
             return torch.zeros_like(x).index_add_(0, token_of, y.to(x.dtype))
