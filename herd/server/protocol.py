@@ -115,6 +115,17 @@ class ChatCompletionRequest(_SamplingFields):
     def _logprobs(cls, v):
         return _strict_logprobs(v, allow_bool=True)
 
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice(cls, v):
+        if v is None or v in ("auto", "none", "required"):
+            return v
+        if isinstance(v, dict) and v.get("type", "function") == "function":
+            fn = v.get("function")
+            if isinstance(fn, dict) and isinstance(fn.get("name"), str) and fn["name"]:
+                return v
+        raise ValueError('must be "auto", "none", "required" or {"type": "function", "function": {"name": ...}}')
+
     def num_logprobs(self) -> int | None:
         """Top-k count for generated tokens, or None for no logprobs."""
         if self.logprobs is None or self.logprobs is False:

@@ -23,6 +23,7 @@ from herd.server.protocol import (
 )
 from herd.server.routes.common import SSE_DONE, SSE_HEADERS, parse_body, sse, sse_error, state_of, usage
 from herd.server.state import ClientGone, ServerState, new_id, until_disconnected
+from herd.server.tool_calls import ToolCallStream, special_token_remover, split_reply, tool_names
 
 router = APIRouter()
 
@@ -39,6 +40,13 @@ async def chat_completions(request: Request) -> Response:
     if req.continue_final_message and messages[-1]["role"] != "assistant":
         raise bad_request("continue_final_message needs a final assistant message", param="messages")
     overrides = sampling_overrides(req)
+    names = _tool_call_names(req)
+    clean = None
+    if names and req.skip_special_tokens is None:
+        # Keep <|python_start|> in the text so a call after some prose is found; the special
+        # tokens are dropped from whatever is sent as content, as skip_special_tokens would.
+        overrides["skip_special_tokens"] = False
+        clean = special_token_remover(st.tokenizer)
     defaults = params_from(st.engine, overrides)
     chat_prompt = await st.encode_chat(
         messages,
@@ -58,7 +66,7 @@ async def chat_completions(request: Request) -> Response:
     st.check_prompt(prompt_ids, params, "messages")
     reserve(len(prompt_ids), overrides.get("max_tokens"), n=params.n, images=count_images(messages))  # 429 over TPM
     ticket = st.admit()
-    chat = _Chat(st, req, params, prompt_ids, new_id("chatcmpl"), int(time.time()), images)
+    chat = _Chat(st, req, params, prompt_ids, new_id("chatcmpl"), int(time.time()), images, names, clean)
     if req.stream:
         return StreamingResponse(chat.stream(ticket), media_type="text/event-stream", headers=SSE_HEADERS)
     try:
@@ -68,12 +76,36 @@ async def chat_completions(request: Request) -> Response:
     return JSONResponse(chat.response(out))
 
 
+def _tool_call_names(req: ChatCompletionRequest) -> set[str]:
+    """The function names whose calls are parsed out of the reply (none: the reply is all text).
+
+    `tool_choice` "required" or a named function is not enforced (there is no constrained
+    decoding): the prompt offers the tools, and a reply that is not a valid call comes back as text.
+    """
+    choice = req.tool_choice
+    if choice not in (None, "auto", "none") and not req.tools:
+        raise bad_request("tool_choice other than 'auto' or 'none' needs `tools`", param="tool_choice")
+    if not req.tools or choice == "none":
+        return set()
+    names = tool_names(req.tools)
+    if isinstance(choice, dict) and choice["function"]["name"] not in names:
+        raise bad_request(
+            f"tool_choice names the function {choice['function']['name']!r}, which is not among the tools",
+            param="tool_choice",
+        )
+    return names
+
+
 class _Chat:
     """Builds the response body or the chunks of one chat completion."""
 
     def __init__(self, st: ServerState, req: ChatCompletionRequest, params, prompt_ids, id: str, created: int,
-                 images=None):
+                 images=None, tool_names: set[str] | None = None, clean=None):
         self.st = st
+        self.names = tool_names or set()
+        self.clean = clean or (lambda s: s)
+        self.tool_streams: dict[int, ToolCallStream] = {}
+        self.held_logprobs: dict[int, tuple[list, list]] = {}
         self.images = images
         self.req = req
         self.params = params
@@ -112,14 +144,25 @@ class _Chat:
     def response(self, out) -> dict:
         choices = []
         for o in out.outputs:
+            content, calls, finish_reason = o.text, None, o.finish_reason
+            if self.names:
+                content, calls = split_reply(o.text, self.names)
+                content = self.clean(content)
+                if calls:
+                    content = content if content.strip() else None
+                    finish_reason = "tool_calls"
             choices.append(
                 {
                     "index": o.index,
                     "seed": self.params.seed,
-                    "finish_reason": o.finish_reason,
+                    "finish_reason": finish_reason,
                     "stop_reason": o.stop_reason,
                     "logprobs": self._logprobs(o.token_ids, o.logprobs),
-                    "message": {"role": "assistant", "content": o.text, "tool_calls": []},
+                    "message": {
+                        "role": "assistant",
+                        "content": content,
+                        "tool_calls": [c.to_openai() for c in calls or ()],
+                    },
                 }
             )
         body = {
@@ -150,6 +193,45 @@ class _Chat:
             }
         )
 
+    def _tool_choices(self, o) -> list[dict]:
+        """Chunks for one streamed choice of a request with tools: text that could still become a
+        tool call is held back; at the end it is sent as tool_calls deltas or as content."""
+        ts = self.tool_streams.get(o.index)
+        if ts is None:
+            ts = self.tool_streams[o.index] = ToolCallStream(self.names, self.clean)
+        ids, entries = self.held_logprobs.setdefault(o.index, ([], []))
+        if self.k is not None:
+            ids += o.delta_token_ids
+            entries += o.delta_logprobs or []
+
+        def take_logprobs():
+            if self.k is None or not ids:
+                return None
+            lp = self._logprobs(list(ids), list(entries))
+            ids.clear()
+            entries.clear()
+            return lp
+
+        def choice(delta, finish_reason=None, stop_reason=None):
+            return {"index": o.index, "delta": delta, "logprobs": take_logprobs(), "finish_reason": finish_reason,
+                    "stop_reason": stop_reason}
+
+        chunks = []
+        text = ts.feed(o.delta_text)
+        if text:
+            chunks.append(choice({"content": text}))
+        if not o.finished:
+            return chunks
+        rest, calls = ts.finish()
+        if rest:
+            chunks.append(choice({"content": rest}))
+        for i, call in enumerate(calls or ()):
+            head = {"index": i, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
+            chunks.append(choice({"tool_calls": [head]}))
+            chunks.append(choice({"tool_calls": [{"index": i, "function": {"arguments": call.arguments}}]}))
+        chunks.append(choice({}, "tool_calls" if calls else o.finish_reason, o.stop_reason))
+        return chunks
+
     async def stream(self, ticket):
         st = self.st
         finished: set[int] = set()
@@ -163,6 +245,11 @@ class _Chat:
                 pending = []
                 for o in out.outputs:
                     if o.index in finished:
+                        continue
+                    if self.names:
+                        pending += self._tool_choices(o)
+                        if o.finished:
+                            finished.add(o.index)
                         continue
                     has_logprobs = self.k is not None and o.delta_token_ids
                     if not (o.delta_text or o.finished or has_logprobs):
