@@ -32,6 +32,9 @@ from herd.tokenizer import Tokenizer
 __all__ = ["AsyncEngine", "CompletionOutput", "Engine", "EngineOptions", "LLM", "RequestOutput"]
 
 
+CPU_KV_CACHE_BYTES = 2**30  # the default KV-cache budget on CPU (--kv-cache-tokens overrides)
+
+
 @dataclass
 class EngineOptions:
     kv_cache_tokens: int | None = None  # None: a default sized for the device
@@ -177,7 +180,10 @@ class Engine:
             free, _ = torch.cuda.mem_get_info(device)
             per_token = KVCache.bytes_per_token(text, dtype, self.options.kv_cache_dtype)
             return int(free * self.options.gpu_memory_utilization) // per_token
-        return max(4 * self.max_model_len, 16 * self.options.block_size)
+        # CPU: room for several full contexts (at least 64K tokens), within a fixed memory budget.
+        per_token = KVCache.bytes_per_token(text, dtype, self.options.kv_cache_dtype)
+        wanted = max(4 * self.max_model_len, 65536)
+        return max(min(wanted, CPU_KV_CACHE_BYTES // per_token), self.max_model_len + self.options.block_size)
 
     # -- requests -------------------------------------------------------------------------
     def default_params(self, **overrides: Any) -> SamplingParams:
