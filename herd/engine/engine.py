@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import itertools
 import json
+import logging
 import queue
 import threading
 from collections.abc import AsyncIterator
@@ -28,6 +29,8 @@ from herd.engine.sampling import SamplingParams
 from herd.engine.scheduler import Scheduler
 from herd.model.attention import CHUNKED, GLOBAL
 from herd.tokenizer import Tokenizer
+
+log = logging.getLogger("herd.engine")
 
 __all__ = ["AsyncEngine", "CompletionOutput", "Engine", "EngineOptions", "LLM", "RequestOutput"]
 
@@ -266,6 +269,9 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
+
+    def active_request_ids(self) -> list[str]:
+        return list(self._groups)
 
     def stats(self) -> EngineStats:
         pools = self.cache.pools.values()
@@ -506,9 +512,14 @@ class AsyncEngine:
         if not self.is_running:
             raise RuntimeError("the engine is not running")
         self.engine.check_prompt(prompt_ids, params)
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
         loop = asyncio.get_running_loop()
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (loop, stream)
+        if self.error is not None:  # the loop died after the check above: nothing would answer
+            self._streams.pop(request_id, None)
+            raise RuntimeError(f"the engine is not running: {self.error}")
         self._commands.put(("add", (prompt_ids, params, request_id, prompt, images)))
         finished = False
         try:
@@ -542,6 +553,9 @@ class AsyncEngine:
                 self.engine.add_request(prompt_ids, params, request_id, prompt, images)
             except ValueError as e:
                 self._deliver(request_id, e)
+            except Exception as e:  # never let one request take the loop down
+                log.exception("could not add request %s", request_id)
+                self._deliver(request_id, RuntimeError(f"the request could not be started: {e}"))
         elif command == "abort":
             self.engine.abort(payload)
 
@@ -559,7 +573,17 @@ class AsyncEngine:
                 except queue.Empty:
                     pass
                 if self.engine.has_unfinished():
-                    for out in self.engine.step():
+                    try:
+                        outputs = self.engine.step()
+                    except Exception as e:
+                        # A failed step (e.g. out of memory on a huge batch) fails the requests in
+                        # flight, frees their blocks, and the loop goes on serving new ones.
+                        log.exception("engine step failed; aborting the requests in flight")
+                        outputs = []
+                        for request_id in self.engine.active_request_ids():
+                            self.engine.abort(request_id)
+                            self._deliver(request_id, RuntimeError(f"the engine step failed: {e}"))
+                    for out in outputs:
                         self._deliver(out.request_id, out)
                 self._stats = self.engine.stats()
         except BaseException as e:  # a bug in the engine: fail every open stream, loudly

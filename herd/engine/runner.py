@@ -49,8 +49,6 @@ class Runner:
         ]
         if not touching:
             return None
-        if self.vision_model is None:
-            raise ValueError("this checkpoint has no vision tower: images are not supported")
         missing = [item.request for item in touching if item.request.image_features is None]
         if missing:
             self._encode_images(missing)

@@ -154,11 +154,6 @@ class Llama4TextModel(nn.Module):
         return F.linear(hidden, weight).float()
 
 
-def kv_bytes_per_token(cfg: TextConfig, dtype_bytes: int) -> int:
-    """K and V of one token across all layers (before any chunked-window savings)."""
-    return cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2 * dtype_bytes
-
-
 def param_count(cfg: TextConfig) -> int:
     model = torch.device("meta")
     with model:

@@ -92,3 +92,34 @@ def test_generation_config_defaults(engine, demo_dir):
     params = engine.default_params()
     assert params.temperature == 0.6 and params.top_p == 0.9 and params.max_tokens == 64
     assert engine.default_params(temperature=0.0).temperature == 0.0
+
+
+def test_a_failing_step_fails_its_requests_not_the_engine(engine):
+    prompt = _prompt(engine, "hello")
+    runner = engine.engine.runner
+    real_execute = runner.execute
+
+    def broken(batch):
+        runner.execute = real_execute  # fail once, as an out-of-memory step would
+        raise RuntimeError("simulated out of memory")
+
+    runner.execute = broken
+    with pytest.raises(RuntimeError, match="simulated out of memory"):
+        asyncio.run(_collect(engine, prompt, GREEDY, "doomed"))
+    assert engine.is_running
+    _, last = asyncio.run(_collect(engine, prompt, GREEDY, "after"))
+    assert last.finished and len(last.outputs[0].token_ids) == GREEDY.max_tokens
+
+
+def test_duplicate_request_ids_are_refused(engine):
+    prompt = _prompt(engine, "twice")
+    params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+
+    async def scenario():
+        first = engine.generate(prompt, params, "same-id")
+        await first.__anext__()
+        with pytest.raises(ValueError, match="already in use"):
+            await engine.generate(prompt, params, "same-id").__anext__()
+        await first.aclose()
+
+    asyncio.run(scenario())
