@@ -2,6 +2,7 @@
 
 import http.server
 import threading
+import time
 
 import pytest
 
@@ -17,6 +18,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(BODY)))
             self.end_headers()
             self.wfile.write(BODY)
+        elif self.path == "/slow":  # a byte every 0.3 s: each read is quick, the whole is not
+            self.send_response(200)
+            self.end_headers()
+            try:
+                for _ in range(20):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(0.3)
+            except OSError:
+                pass
         elif self.path == "/redirect":
             self.send_response(302)
             self.send_header("Location", "/image.png")
@@ -58,3 +69,21 @@ def test_limits_and_errors(server):
         fetch_url("http://169.254.169.254/latest/meta-data")  # cloud metadata endpoint
     with pytest.raises(FetchError, match="cannot resolve|cannot fetch"):
         fetch_url("http://nonexistent.invalid/x.png")
+
+
+def test_connects_to_the_checked_address_without_proxies(server, monkeypatch):
+    # A proxy in the environment must not carry the request past the address check.
+    monkeypatch.setenv("HTTP_PROXY", "http://10.255.255.1:9")
+    monkeypatch.setenv("http_proxy", "http://10.255.255.1:9")
+    assert fetch_url(f"{server}/image.png", allow_private=True, timeout=5) == BODY
+    # "localhost" resolves here once, to loopback, and is refused on that resolution.
+    port = server.rsplit(":", 1)[1]
+    with pytest.raises(FetchError, match="private or internal"):
+        fetch_url(f"http://localhost:{port}/image.png")
+
+
+def test_a_trickling_server_hits_the_overall_deadline(server):
+    start = time.monotonic()
+    with pytest.raises(FetchError, match="too long"):
+        fetch_url(f"{server}/slow", allow_private=True, timeout=1.0)
+    assert time.monotonic() - start < 3
