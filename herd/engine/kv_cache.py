@@ -199,7 +199,14 @@ class KVBlockManager:
 
     def can_allocate(self, tables: Tables, num_tokens: int, first_new_pos: int) -> bool:
         needed = self.blocks_needed(tables, num_tokens, first_new_pos)
-        return all(self.pools[g].num_free >= n for g, n in needed.items())
+        return all(self._free_after_release(g, tables, first_new_pos) >= n for g, n in needed.items())
+
+    def _free_after_release(self, group: str, tables: Tables, first_new_pos: int) -> int:
+        """Free blocks once `allocate` has released the chunks this sequence has left behind."""
+        pool = self.pools[group]
+        table = tables.get(group, [])
+        first_live = min(self._first_live_block(group, first_new_pos), len(table))
+        return pool.num_free + sum(1 for b in table[:first_live] if b >= 0 and pool.ref_count[b] == 1)
 
     def allocate(self, tables: Tables, num_tokens: int, first_new_pos: int) -> None:
         """Grows the tables to cover [0, num_tokens); releases chunked blocks left behind."""
