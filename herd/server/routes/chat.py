@@ -65,7 +65,7 @@ async def chat_completions(request: Request) -> Response:
     )
     st.check_prompt(prompt_ids, params, "messages")
     reserve(len(prompt_ids), overrides.get("max_tokens"), n=params.n, images=count_images(messages))  # 429 over TPM
-    ticket = st.admit()
+    ticket = st.admit(params.n)  # each of the n samples is a sequence in the engine
     chat = _Chat(st, req, params, prompt_ids, new_id("chatcmpl"), int(time.time()), images, names, clean)
     if req.stream:
         return StreamingResponse(chat.stream(ticket), media_type="text/event-stream", headers=SSE_HEADERS)

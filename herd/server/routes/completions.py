@@ -43,7 +43,7 @@ async def completions(request: Request) -> Response:
         st.check_prompt(ids, params, param)
         jobs.append((ids, params, text))
     reserve(sum(len(ids) for ids, _, _ in jobs), overrides.get("max_tokens"), n=sum(p.n for _, p, _ in jobs))
-    ticket = st.admit(len(jobs))
+    ticket = st.admit(sum(p.n for _, p, _ in jobs))  # sequences, not prompts
     c = _Completion(st, req, jobs, new_id("cmpl"), int(time.time()))
     if req.stream:
         return StreamingResponse(c.stream(ticket), media_type="text/event-stream", headers=SSE_HEADERS)
