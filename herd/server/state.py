@@ -5,6 +5,7 @@ the same way)."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
@@ -51,9 +52,10 @@ class Ticket:
         self.count = count
 
     def release(self) -> None:
-        if self.count:
-            self.state.pending -= self.count
-            self.count = 0
+        # Also called from __del__, which may run on any thread: the count changes under a lock.
+        with self.state.pending_lock:
+            count, self.count = self.count, 0
+            self.state.pending -= count
 
     def __del__(self):  # a stream that was never started still gives its place back
         self.release()
@@ -74,6 +76,7 @@ class ServerState:
         max_num_seqs = engine.engine.options.max_num_seqs
         self.max_pending = options.max_pending_requests or 4 * max_num_seqs
         self.pending = 0
+        self.pending_lock = threading.Lock()
         # Checkpoints with a vision tower take image parts; others refuse them clearly.
         self.accepts_images = getattr(engine.engine.runner, "vision_model", None) is not None
 
@@ -85,14 +88,16 @@ class ServerState:
     def admit(self, count: int = 1) -> Ticket:
         if not self.engine.is_running:
             raise APIError(503, "the engine is not running", headers={"retry-after": "5"})
-        if self.pending + count > self.max_pending:
-            raise APIError(
-                503,
-                f"the server is overloaded ({self.pending} requests pending, limit {self.max_pending}); retry later",
-                code="overloaded",
-                headers={"retry-after": "1"},
-            )
-        self.pending += count
+        with self.pending_lock:
+            if self.pending + count > self.max_pending:
+                raise APIError(
+                    503,
+                    f"the server is overloaded ({self.pending} requests pending, limit {self.max_pending}); "
+                    "retry later",
+                    code="overloaded",
+                    headers={"retry-after": "1"},
+                )
+            self.pending += count
         return Ticket(self, count)
 
     def check_prompt(self, prompt_ids: list[int], params: SamplingParams, param: str) -> None:
