@@ -33,7 +33,7 @@ from herd.platform.service import AuthError, Caller, Platform
 
 log = logging.getLogger("herd.platform")
 
-OPEN_PATHS = ("/health", "/ping", "/version", "/metrics")
+OPEN_PATHS = frozenset({"/health", "/ping", "/version", "/metrics", "/", "/playground"})  # exact paths
 METERED_SUFFIXES = ("/chat/completions", "/completions")
 USAGE_PATHS = ("/v1/usage", "/v1/v1/usage")
 
@@ -165,7 +165,7 @@ class PlatformMiddleware:
         self.model = model
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] == "OPTIONS" or scope["path"].startswith(OPEN_PATHS):
+        if scope["type"] != "http" or scope["method"] == "OPTIONS" or scope["path"] in OPEN_PATHS:
             return await self.app(scope, receive, send)
         p = self.platform
         headers = scope.get("headers") or []

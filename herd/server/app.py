@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from pathlib import Path
 
 from fastapi import APIRouter, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 import herd
 from herd.server import errors
@@ -20,6 +21,7 @@ from herd.server.routes import chat, completions, models, tokens
 from herd.server.state import ServerOptions, ServerState
 
 log = logging.getLogger("herd.server")
+PLAYGROUND = Path(__file__).parent / "static" / "playground.html"
 
 
 def create_app(engine, options: ServerOptions | None = None, platform=None) -> FastAPI:
@@ -59,6 +61,15 @@ def create_app(engine, options: ServerOptions | None = None, platform=None) -> F
     @app.get("/ping")
     async def ping() -> Response:
         return await health()
+
+    @app.get("/playground")
+    async def playground() -> Response:
+        # A static page; the API calls it makes carry the key typed into it.
+        return HTMLResponse(PLAYGROUND.read_text(encoding="utf-8"))
+
+    @app.get("/")
+    async def root() -> Response:
+        return RedirectResponse("/playground")
 
     @app.get("/version")
     async def version() -> JSONResponse:

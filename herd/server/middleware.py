@@ -11,7 +11,7 @@ import uuid
 from herd.server.errors import APIError
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-_OPEN_PATHS = frozenset({"/health", "/version", "/metrics", "/ping"})  # exact paths only
+_OPEN_PATHS = frozenset({"/health", "/version", "/metrics", "/ping", "/", "/playground"})  # exact paths only
 
 
 def _error(status: int, message: str, code: str | None, request_id: str, param: str | None = None):

@@ -59,3 +59,10 @@ def test_error_before_streaming_is_a_status_not_an_event(http):
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "temperature": -1, "stream": True}
     r = http.post("/v1/chat/completions", json=body)
     assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+
+
+def test_playground_page_is_served(http):
+    page = http.get("/playground")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "herd playground" in page.text and "/v1/chat/completions" in page.text
+    assert http.get("/", follow_redirects=False).headers["location"] == "/playground"
