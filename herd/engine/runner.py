@@ -115,7 +115,8 @@ class Runner:
                 rows.append(SampleRow(r.params, r.prompt_ids, r.output_ids, self._blocked(r)))
         results: list[Sampled | None] = [None] * len(batch)
         if rows:
-            logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
+            rows_hidden = hidden[torch.tensor(sample_rows, device=self.device)]
+            logits = self.model.compute_logits(rows_hidden, upcast=False)
             sampled = iter(sample(logits, rows))
             for i, item in enumerate(batch):
                 r = item.request

@@ -131,17 +131,21 @@ def _adjusts_logits(row: SampleRow) -> bool:
 
 
 def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sampled]:
-    """logits [n, vocab] float32, one row per entry of `rows` -> one token per row.
+    """logits [n, vocab] (any float dtype), one row per entry of `rows` -> one token per row.
 
     The common case costs one batched argmax: greedy rows that change no logits skip the
     per-row work, and log-softmax runs only over the rows that asked for logprobs.
     """
-    tokens = torch.argmax(logits, dim=-1).tolist()  # right for plain greedy rows
+    # Right for plain greedy rows. max().indices is argmax (first maximum on ties) and, on CPU,
+    # several times faster than argmax for bf16 logits.
+    tokens = logits.max(dim=-1).indices.tolist()
     for i, row in enumerate(rows):
         p = row.params
         if p.greedy and not _adjusts_logits(row):
             continue
-        adjusted = apply_penalties(logits[i].clone(), row) if _adjusts_logits(row) else logits[i]
+        adjusted = logits[i].float()  # a copy unless the logits are float32 already
+        if _adjusts_logits(row):
+            adjusted = apply_penalties(adjusted.clone(), row)
         if p.greedy:
             tokens[i] = int(torch.argmax(adjusted))
             continue
@@ -155,7 +159,7 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sampled]:
     tops: dict[int, dict[int, float]] = {}
     if wanted:
         # Logprobs are the model's own distribution, before penalties and temperature.
-        raw = torch.log_softmax(logits[wanted], dim=-1)
+        raw = torch.log_softmax(logits[wanted].float(), dim=-1)
         for j, i in enumerate(wanted):
             k = rows[i].params.logprobs
             top = {}

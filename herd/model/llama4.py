@@ -149,9 +149,12 @@ class Llama4TextModel(nn.Module):
             x = layer(x, rope, meta, layer_kv)
         return self.norm(x)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
+        """Logits over the vocabulary: float32, or the model's dtype with upcast=False (the
+        sampler upcasts only rows that need it: a [rows x 202,048] conversion is not free)."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        logits = F.linear(hidden, weight)
+        return logits.float() if upcast else logits
 
 
 def param_count(cfg: TextConfig) -> int:
