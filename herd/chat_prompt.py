@@ -104,7 +104,7 @@ def build_chat_prompt(
 
     vision = VisionConfig.from_model_config(model_config, model_dir)
     processed = [
-        multimodal.preprocess(load_part_image(part, options), vision, max_tiles=options.max_tiles or None)
+        multimodal.preprocess(load_part_image(part, options), vision, max_tiles=options.max_tiles)
         for part in parts
     ]
     prompt_ids, images = expand_image_placeholders(

@@ -34,9 +34,6 @@ async def chat_completions(request: Request) -> Response:
     req = await parse_body(request, ChatCompletionRequest)
     st.check_model(req.model)
     messages = check_messages(req.messages, allow_images=st.accepts_images)
-    limit = st.options.limit_mm_per_prompt.get("image", 0)
-    if count_images(messages) > limit:
-        raise bad_request(f"at most {limit} images per prompt", param="messages")
     if req.continue_final_message and messages[-1]["role"] != "assistant":
         raise bad_request("continue_final_message needs a final assistant message", param="messages")
     overrides = sampling_overrides(req)
