@@ -31,7 +31,8 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one running batch")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens in one engine step")
-    p.add_argument("--block-size", type=int, default=16, help="KV-cache block size in tokens")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="KV-cache block size in tokens (default: 16, or a divisor of the model's attention chunk)")
     p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV-cache size in tokens (default: sized for the device)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)

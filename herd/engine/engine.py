@@ -22,6 +22,7 @@ import torch
 from herd.checkpoint import load_text_model
 from herd.config import ModelConfig, load_config
 from herd.engine.kv_cache import KVBlockManager, KVCache
+from herd.engine.options import EngineOptions, check_quantization, engine_options_from, resolve_engine_options
 from herd.engine.outputs import CompletionOutput, OutputTracker, RequestOutput
 from herd.engine.request import ImageInput, Request
 from herd.engine.runner import Runner
@@ -36,18 +37,6 @@ __all__ = ["AsyncEngine", "CompletionOutput", "Engine", "EngineOptions", "LLM", 
 
 
 CPU_KV_CACHE_BYTES = 2**30  # the default KV-cache budget on CPU (--kv-cache-tokens overrides)
-
-
-@dataclass
-class EngineOptions:
-    kv_cache_tokens: int | None = None  # None: a default sized for the device
-    block_size: int = 16
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None  # None: the model's max_position_embeddings
-    enable_prefix_caching: bool = True
-    gpu_memory_utilization: float = 0.9  # on CUDA, the share of free memory the KV cache may take
-    kv_cache_dtype: str = "auto"  # "fp8": K/V in E4M3 with per-token scales, about half the bytes
 
 
 @dataclass
@@ -151,6 +140,7 @@ class Engine:
         self.config = config
         self.tokenizer = tokenizer
         self.device = device
+        options = resolve_engine_options(options, config)  # no-op when _load_engine did it
         self.options = options
         text = config.text
         self.max_model_len = options.max_model_len or text.max_position_embeddings
@@ -330,15 +320,20 @@ class Engine:
 
 
 def _load_engine(model, dtype, device, engine_options) -> Engine:
+    # quantization="fp8" / "fp8-all": a bf16 checkpoint quantized while loading (FP8 ones need none).
+    engine_options = dict(engine_options)
+    quantization = engine_options.pop("quantization", None)
+    options = engine_options_from(engine_options)  # a misspelt option fails before anything loads
     model_dir = resolve_model_dir(model)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     config = load_config(model_dir)
-    tokenizer = Tokenizer.from_dir(model_dir)
+    # Everything that can be checked from the config is, before the weights are read.
+    options = resolve_engine_options(options, config)
+    check_quantization(config, quantization)
     torch_dtype = resolve_dtype(dtype, config, device)
-    # quantization="fp8" / "fp8-all": a bf16 checkpoint quantized while loading (FP8 ones need none).
-    quantization = engine_options.pop("quantization", None)
+    tokenizer = Tokenizer.from_dir(model_dir)
     text_model = load_text_model(model_dir, config, torch_dtype, device, quantization)
-    engine = Engine(model_dir, config, tokenizer, text_model, device, torch_dtype, EngineOptions(**engine_options))
+    engine = Engine(model_dir, config, tokenizer, text_model, device, torch_dtype, options)
     if config.is_multimodal and config.vision is not None:
         from herd.model.vision import load_vision_model
 
@@ -359,6 +354,8 @@ class LLM:
         allow_private_image_urls: bool = False,
         **engine_options: Any,
     ):
+        if not isinstance(limit_mm_per_prompt, int) or limit_mm_per_prompt < 0:
+            raise ValueError(f"limit_mm_per_prompt must be a non-negative integer, got {limit_mm_per_prompt!r}")
         self.engine = _load_engine(model, dtype, device, engine_options)
         self.limit_mm_per_prompt = limit_mm_per_prompt
         self.allow_private_image_urls = allow_private_image_urls
