@@ -189,9 +189,29 @@ def cmd_serve(args) -> int:
         from herd.platform.service import Platform
 
         platform = Platform(load_platform_config(args.config), require_api_key=True if args.require_api_key else None)
+    from herd.config import load_config
+    from herd.engine.engine import resolve_model_dir
+    from herd.engine.options import check_image_limits
+
+    # Every option is read and checked against the model's config before any weight is loaded.
+    limits = _parse_limits(args.limit_mm_per_prompt)
+    server_options = dict(
+        chat_template=_read_template(args.chat_template),
+        limit_mm_per_prompt=limits,
+        max_pending_requests=args.max_pending_requests,
+        max_request_body_bytes=args.max_request_body_bytes,
+        allowed_origins=_json_list(args.allowed_origins),
+        allowed_methods=_json_list(args.allowed_methods),
+        allowed_headers=_json_list(args.allowed_headers),
+        allow_credentials=args.allow_credentials,
+        api_key=args.api_key or os.environ.get("HERD_API_KEY") or None,
+        allow_private_image_urls=args.allow_private_image_urls,
+    )
     model = args.model_dir or args.model
+    model_dir = resolve_model_dir(model)
+    check_image_limits(limits, load_config(model_dir), explicit=args.limit_mm_per_prompt is not None)
     engine = AsyncEngine.from_pretrained(
-        model,
+        model_dir,
         dtype=args.dtype,
         device=args.device,
         max_model_len=args.max_model_len,
@@ -211,19 +231,10 @@ def cmd_serve(args) -> int:
         price = platform.config.price_for(names[0])
         price_input, price_output = price.input, price.output
     options = ServerOptions(
-        served_model_names=args.served_model_name or [],
-        chat_template=_read_template(args.chat_template),
-        limit_mm_per_prompt=_parse_limits(args.limit_mm_per_prompt),
+        served_model_names=names,
         price_input=price_input,
         price_output=price_output,
-        max_pending_requests=args.max_pending_requests,
-        max_request_body_bytes=args.max_request_body_bytes,
-        allowed_origins=_json_list(args.allowed_origins),
-        allowed_methods=_json_list(args.allowed_methods),
-        allowed_headers=_json_list(args.allowed_headers),
-        allow_credentials=args.allow_credentials,
-        api_key=args.api_key or os.environ.get("HERD_API_KEY") or None,
-        allow_private_image_urls=args.allow_private_image_urls,
+        **server_options,
     )
     app = create_app(engine, options, platform=platform)
     config = uvicorn.Config(

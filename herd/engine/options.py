@@ -99,3 +99,16 @@ def check_quantization(config: ModelConfig, quantization: str | None) -> None:
     resolve_policy(quantization)
     if config.quantization:
         fp8_ignore_list(config.quantization)
+
+
+def check_image_limits(limits: dict[str, int], config: ModelConfig, *, explicit: bool) -> None:
+    """--limit-mm-per-prompt against the model: counts are non-negative, images are the only
+    modality herd takes, and asking for images from a model without a vision tower is an error
+    (the built-in default is not: it simply never applies)."""
+    for modality, count in limits.items():
+        if count < 0:
+            raise ValueError(f"--limit-mm-per-prompt: {modality} must be at least 0, got {count}")
+        if modality != "image" and count > 0:
+            raise ValueError(f"--limit-mm-per-prompt: herd's models take images only, not {modality}")
+    if explicit and limits.get("image", 0) > 0 and not (config.is_multimodal and config.vision):
+        raise ValueError("--limit-mm-per-prompt: this model has no vision tower, so it takes no images")

@@ -69,3 +69,31 @@ def test_bad_options_fail_before_the_weights(demo_dir, tmp_path, options, messag
     ckpt = _with_config(demo_dir, tmp_path / "noweights", weights=False)
     with pytest.raises(ValueError, match=message):
         LLM(str(ckpt), device="cpu", **options)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--block-size", "16"], "block_size 16 must divide attention_chunk_size 60"),
+        (["--max-model-len", "100000"], "max_model_len 100000 must be in"),
+        (["--limit-mm-per-prompt", '{"video": 1}'], "images only, not video"),
+        (["--limit-mm-per-prompt", "image=x"], "cannot read"),
+        (["--chat-template", "/no/such/file"], "neither a file nor a template"),
+    ],
+)
+def test_serve_checks_its_options_before_the_weights(demo_dir, tmp_path, capsys, argv, message):
+    from herd.cli import main
+
+    ckpt = _with_config(demo_dir, tmp_path / "noweights", weights=False, attention_chunk_size=60)
+    assert main(["serve", str(ckpt), "--no-platform", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "safetensors" not in err
+
+
+def test_serve_refuses_image_limits_for_a_text_only_model(tmp_path, capsys):
+    from herd.cli import main
+    from tests.checkpoints import text_config
+
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Llama4ForCausalLM"], **text_config()}))
+    assert main(["serve", str(tmp_path), "--no-platform", "--limit-mm-per-prompt", '{"image": 2}']) == 2
+    assert "no vision tower" in capsys.readouterr().err
