@@ -113,13 +113,24 @@ class Tokenizer:
 
     # ------------------------------------------------------ encode / decode
 
-    def encode(self, text: str, *, add_bos: bool = False, parse_special: bool = True) -> list[int]:
+    def encode(
+        self, text: str, *, add_special_tokens: bool = False, add_bos: bool = False, parse_special: bool = True
+    ) -> list[int]:
         """Token ids of `text`. With parse_special, special-token strings in the text become
-        their control tokens (as HF tokenizers do); without, the text is encoded as pure text."""
+        their control tokens (as HF tokenizers do); without, the text is encoded as pure text.
+
+        add_special_tokens follows the tokenizer's own rule (its post-processor: Llama 4's puts
+        <|begin_of_text|> in front, SmolLM2's adds nothing), except that a text already starting
+        with the BOS token gets no second one. add_bos forces a BOS in front (never doubled)."""
         tok = self._tok if parse_special else self._tok_plain
-        ids = tok.encode(text, add_special_tokens=False).ids
-        if add_bos and self.bos_token_id is not None:
-            ids = [self.bos_token_id] + ids
+        ids = tok.encode(text, add_special_tokens=add_special_tokens).ids
+        bos = self.bos_token_id
+        if bos is not None and ids[:2] == [bos, bos] and add_special_tokens:
+            # The text began with BOS itself and the post-processor added another: keep one.
+            if tok.encode(text, add_special_tokens=False).ids[:1] == [bos]:
+                ids = ids[1:]
+        if add_bos and bos is not None and ids[:1] != [bos]:
+            ids = [bos] + ids
         return ids
 
     def decode(self, ids, *, skip_special_tokens: bool = True) -> str:

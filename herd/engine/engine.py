@@ -380,7 +380,7 @@ class LLM:
         requests = []
         for prompt, p in zip(prompts, all_params):
             if isinstance(prompt, str):
-                ids = self.tokenizer.encode(prompt, add_bos=self.tokenizer.bos_token_id is not None)
+                ids = self.tokenizer.encode(prompt, add_special_tokens=True)  # the tokenizer's own BOS rule
                 requests.append((ids, p, prompt))
             else:
                 requests.append((list(prompt), p, None))

@@ -139,10 +139,9 @@ class ServerState:
         except Exception as e:  # template errors (raise_exception, bad shapes) are the client's
             raise bad_request(f"could not apply the chat template: {e}", param="messages") from None
 
-    async def encode_text(self, text: str, add_bos: bool = True) -> list[int]:
-        return await asyncio.to_thread(
-            self.tokenizer.encode, text, add_bos=add_bos and self.tokenizer.bos_token_id is not None
-        )
+    async def encode_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """A text prompt's ids, with the special tokens the tokenizer itself adds (never a second BOS)."""
+        return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
 
     # -- running ------------------------------------------------------------------------------
     async def generate(

@@ -36,3 +36,17 @@ def test_default_model_answers(default_url, question, answer):
     )
     assert answer in reply.choices[0].message.content
     assert reply.usage.prompt_tokens > 5 and reply.choices[0].finish_reason in ("stop", "length")
+
+
+def test_completions_prompt_is_tokenized_as_the_tokenizer_says(default_url):
+    """SmolLM2's tokenizer adds no BOS: the prompt counts exactly its own tokens (as in vLLM)."""
+    import httpx
+    from transformers import AutoTokenizer
+
+    from herd.default_model import default_model_dir
+
+    hf = AutoTokenizer.from_pretrained(str(default_model_dir()))
+    prompt = "The capital of France is"
+    body = {"model": "smollm2-135m-instruct", "prompt": prompt, "max_tokens": 1, "temperature": 0}
+    usage = httpx.post(f"{default_url}/v1/completions", json=body, timeout=60).json()["usage"]
+    assert usage["prompt_tokens"] == len(hf(prompt).input_ids) == len(hf(prompt, add_special_tokens=False).input_ids)

@@ -32,7 +32,7 @@ async def tokenize(request: Request) -> JSONResponse:
             chat_template_kwargs=req.chat_template_kwargs,
         )).prompt_ids  # with images laid out, as the model will see them
     else:
-        ids = await st.encode_text(req.prompt, add_bos=req.add_special_tokens)
+        ids = await st.encode_text(req.prompt, add_special_tokens=req.add_special_tokens)
     body = {"count": len(ids), "max_model_len": st.max_model_len, "tokens": ids}
     if req.return_token_strs:
         body["token_strs"] = [st.token_text.text(t) for t in ids]
