@@ -33,6 +33,10 @@ class SamplingParams:
     min_tokens: int = 0
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # Scheduling, not sampling, but it travels with the request: lower runs sooner (vLLM's
+    # convention). Interactive requests run at 0; batch-API lines at 1, so they wait while
+    # interactive work queues and are the first preempted when KV blocks run out.
+    priority: int = 0
 
     def __post_init__(self):
         if isinstance(self.stop, str):

@@ -5,6 +5,12 @@ then waiting requests are admitted while the token budget, the sequence cap and 
 allow; an admitted request starts after the longest prefix found in the prefix cache. When
 blocks run out, the newest running request is preempted: its blocks are freed and it goes back
 to the front of the queue, to be recomputed later (its cached blocks often survive).
+
+Requests carry a priority (SamplingParams.priority, lower first, as vLLM's priority policy):
+the queue is kept in priority order (first come, first served within a priority), running
+requests of a better priority take the step's token budget first, the worst-priority newest
+request is the one preempted, and a waiting request may preempt running work of a worse
+priority to get in. Batch-API lines run at a worse priority than interactive requests.
 """
 
 from __future__ import annotations
@@ -29,7 +35,13 @@ class Scheduler:
         self.num_computed_tokens = 0  # tokens run through the model, all steps together
 
     def add(self, request: Request) -> None:
-        self.waiting.append(request)
+        # After every request of the same or a better priority (FCFS within a priority).
+        p = request.params.priority
+        if not self.waiting or self.waiting[-1].params.priority <= p:
+            self.waiting.append(request)
+            return
+        i = next(i for i, w in enumerate(self.waiting) if w.params.priority > p)
+        self.waiting.insert(i, request)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -46,8 +58,24 @@ class Scheduler:
         r.num_computed = 0
         r.status = Status.WAITING
         self.running.remove(r)
-        self.waiting.appendleft(r)
+        # Back to the front of its own priority class: it was admitted before anything waiting there.
+        p = r.params.priority
+        i = next((i for i, w in enumerate(self.waiting) if w.params.priority >= p), len(self.waiting))
+        self.waiting.insert(i, r)
         self.num_preemptions += 1
+
+    def _victim(self, scheduled: set[str], worse_than: int | None = None) -> Request | None:
+        """The running request to preempt: the newest of the worst priority not scheduled in
+        this step; with `worse_than`, only one of a strictly worse priority than that."""
+        best = None
+        for v in reversed(self.running):
+            if v.request_id in scheduled:
+                continue
+            if best is None or v.params.priority > best.params.priority:
+                best = v
+        if best is not None and worse_than is not None and best.params.priority <= worse_than:
+            return None
+        return best
 
     def _ready(self, r: Request) -> bool:
         parent = r.wait_for
@@ -74,12 +102,29 @@ class Scheduler:
         r.num_registered_blocks = cached // self.blocks.block_size
         return num_new
 
+    def _yield_to_better_priority(self) -> None:
+        """When the head of the queue cannot get in (no sequence slot, or not the blocks for its
+        first chunk), running work of a worse priority gives way, newest first."""
+        if not self.waiting or not self._ready(self.waiting[0]):
+            return
+        head = self.waiting[0]
+        first_chunk = min(head.num_tokens, self.max_num_batched_tokens)
+        while len(self.running) >= self.max_num_seqs or not self.blocks.can_allocate(
+            head.block_tables, first_chunk, head.num_computed
+        ):
+            victim = self._victim(set(), worse_than=head.params.priority)
+            if victim is None:
+                return
+            self._preempt(victim)
+
     def step(self) -> list[ScheduledSeq]:
         budget = self.max_num_batched_tokens
         batch: list[ScheduledSeq] = []
         scheduled: set[str] = set()
+        self._yield_to_better_priority()
         preemptions_before = self.num_preemptions
-        for r in list(self.running):
+        # Better priorities first (sorted is stable: admission order within a priority).
+        for r in sorted(self.running, key=lambda r: r.params.priority):
             if budget == 0:
                 break
             if r not in self.running:
@@ -87,9 +132,9 @@ class Scheduler:
             num_new = min(r.num_tokens - r.num_computed, budget)
             allocated = self._try_allocate(r, num_new)
             while not allocated:
-                # Out of blocks: the newest request not yet scheduled in this step gives way
-                # (possibly r itself).
-                victim = next(v for v in reversed(self.running) if v.request_id not in scheduled)
+                # Out of blocks: the newest request of the worst priority not yet scheduled in
+                # this step gives way (possibly r itself).
+                victim = self._victim(scheduled)
                 self._preempt(victim)
                 if victim is r:
                     break
@@ -104,10 +149,12 @@ class Scheduler:
         if self.num_preemptions != preemptions_before:
             return batch
         for r in list(self.waiting):
-            if budget == 0 or len(self.running) >= self.max_num_seqs:
+            if budget == 0:
                 break
             if not self._ready(r):
                 continue  # its sibling is still computing the shared prompt
+            if len(self.running) >= self.max_num_seqs:
+                break
             num_new = self._admit(r, budget)
             if num_new == 0:
                 break  # first come, first served: nothing behind it jumps the queue

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from herd.platform.batch_config import BatchConfig, parse_batch_config
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -79,6 +81,7 @@ class PlatformConfig:
     default_price: Price = field(default_factory=Price)
     prices: dict[str, Price] = field(default_factory=dict)
     path: Path | None = None  # the file it came from
+    batch: BatchConfig = field(default_factory=BatchConfig)  # [batch]: discount, pool, files
 
     def price_for(self, model: str | None) -> Price:
         return self.prices.get(model or "", self.default_price)
@@ -145,6 +148,7 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> PlatformConf
         default_price=default_price,
         prices=prices,
         path=path,
+        batch=parse_batch_config(data.get("batch", {})),
     )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Column, Float, ForeignKey, Index, Integer, MetaData, String, Table, text
+from sqlalchemy import Boolean, Column, Float, ForeignKey, Index, Integer, MetaData, String, Table, text
 
 metadata = MetaData()
 
@@ -48,6 +48,8 @@ usage = Table(
     Column("http_status", Integer, nullable=True),
     Column("response_id", String(200), nullable=True),  # the response body's `id` (chatcmpl-...)
     Column("error", String(500), nullable=True),
+    # A batch-API line: its own rate-limit pool and the batch discount (migration 0002).
+    Column("batch", Boolean, nullable=False, default=False, server_default=text("false")),
 )
 Index("ix_usage_key_created", usage.c.key_id, usage.c.created_at)
 Index("ix_usage_created", usage.c.created_at)

@@ -17,7 +17,7 @@ import herd
 from herd.server import errors
 from herd.server.metrics import CONTENT_TYPE
 from herd.server.middleware import HerdMiddleware
-from herd.server.routes import chat, completions, models, tokens
+from herd.server.routes import batches, chat, completions, files, models, tokens
 from herd.server.state import ServerOptions, ServerState
 
 log = logging.getLogger("herd.server")
@@ -30,23 +30,33 @@ def create_app(engine, options: ServerOptions | None = None, platform=None) -> F
     `platform` (a herd.platform.service.Platform) adds API keys, rate limits and the usage ledger."""
     options = options or ServerOptions()
     state = ServerState(engine, options)
+    batch = None
+    if platform is not None:  # files and batches live in the platform's database
+        from herd.server.batch_service import make_batch_service
+
+        batch = make_batch_service(state, platform)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.start()
         log.info("serving %s (context %d tokens)", state.model_name, state.max_model_len)
+        if batch is not None:
+            batch.runner.start()  # resumes the batches a stop or crash left unfinished
         try:
             yield
         finally:
+            if batch is not None:
+                await batch.runner.stop()  # lines in flight are not recorded: they run again on restart
             if options.owns_engine:
                 await asyncio.to_thread(engine.shutdown)
 
     app = FastAPI(title="herd", version=herd.__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.herd = state
+    app.state.herd_batch = batch
     errors.install(app)
 
     api = APIRouter()
-    for module in (chat, completions, models, tokens):
+    for module in (chat, completions, models, tokens, files, batches):
         api.include_router(module.router)
     app.include_router(api, prefix="/v1")
     app.include_router(api, prefix="/v1/v1", include_in_schema=False)
@@ -83,7 +93,8 @@ def create_app(engine, options: ServerOptions | None = None, platform=None) -> F
         from herd.platform.middleware import install
 
         install(app, platform, model=state.model_name)
-    app.add_middleware(HerdMiddleware, max_body_bytes=options.max_request_body_bytes, api_key=options.api_key)
+    app.add_middleware(HerdMiddleware, max_body_bytes=options.max_request_body_bytes, api_key=options.api_key,
+                       max_upload_bytes=batch.config.max_file_bytes if batch is not None else None)
     if options.allowed_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -9,6 +9,7 @@ import re
 import uuid
 
 from herd.server.errors import APIError
+from herd.server.signed_upload import is_signed_upload, is_upload
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _OPEN_PATHS = frozenset({"/health", "/version", "/metrics", "/ping", "/", "/playground"})  # exact paths only
@@ -39,9 +40,10 @@ async def _drain(receive) -> None:
 
 
 class HerdMiddleware:
-    def __init__(self, app, *, max_body_bytes: int, api_key: str | None = None):
+    def __init__(self, app, *, max_body_bytes: int, api_key: str | None = None, max_upload_bytes: int | None = None):
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.max_upload_bytes = max(max_upload_bytes or 0, max_body_bytes)  # file uploads (/v1/files)
         self.api_key = api_key
 
     async def __call__(self, scope, receive, send):
@@ -57,13 +59,14 @@ class HerdMiddleware:
             await send({"type": "http.response.start", "status": status, "headers": hdrs + list(extra_headers)})
             await send({"type": "http.response.body", "body": body})
 
-        if self.api_key and scope["method"] != "OPTIONS" and scope["path"] not in _OPEN_PATHS:
+        if (self.api_key and scope["method"] != "OPTIONS" and scope["path"] not in _OPEN_PATHS
+                and not is_signed_upload(scope)):
             auth = headers.get(b"authorization", b"").decode("latin-1")
             token = auth[7:] if auth[:7].lower() == "bearer " else headers.get(b"x-api-key", b"").decode("latin-1")
             if not hmac.compare_digest(token.encode(), self.api_key.encode()):
                 return await reply(401, "invalid API key", "invalid_api_key")
 
-        limit = self.max_body_bytes
+        limit = self.max_upload_bytes if is_upload(scope) else self.max_body_bytes
         length = headers.get(b"content-length")
         if length is not None:
             try:

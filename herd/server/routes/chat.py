@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from typing import Any
 
@@ -22,7 +23,7 @@ from herd.server.protocol import (
     sampling_overrides,
 )
 from herd.server.routes.common import SSE_DONE, SSE_HEADERS, parse_body, sse, sse_error, state_of, usage
-from herd.server.state import ClientGone, ServerState, new_id, until_disconnected
+from herd.server.state import ClientGone, ServerState, Ticket, new_id, until_disconnected
 from herd.server.tool_calls import ToolCallStream, special_token_remover, split_reply, tool_names
 
 router = APIRouter()
@@ -32,6 +33,22 @@ router = APIRouter()
 async def chat_completions(request: Request) -> Response:
     st = state_of(request)
     req = await parse_body(request, ChatCompletionRequest)
+    chat, ticket = await prepare_chat(st, req)
+    if req.stream:
+        return StreamingResponse(chat.stream(ticket), media_type="text/event-stream", headers=SSE_HEADERS)
+    try:
+        out = await until_disconnected(request, chat.final_output(ticket))
+    except ClientGone:
+        return Response(status_code=499)
+    return JSONResponse(chat.response(out))
+
+
+async def prepare_chat(st: ServerState, req: ChatCompletionRequest, *, priority: int = 0,
+                       admit: bool = True) -> tuple[_Chat, Ticket | None]:
+    """Everything between the parsed body and the engine: checks, the prompt, the sampling
+    parameters, the token reservation and the admission ticket. The batch runner calls this
+    too (at a worse priority, admitted by its own cap), so a batch line's body is the body the
+    same request gets online."""
     st.check_model(req.model)
     messages = check_messages(req.messages, allow_images=st.accepts_images)
     if req.continue_final_message and messages[-1]["role"] != "assistant":
@@ -60,17 +77,13 @@ async def chat_completions(request: Request) -> Response:
         max_model_len=st.max_model_len,
         behavior=req.context_length_exceeded_behavior or "error",
     )
+    if priority != params.priority:
+        params = dataclasses.replace(params, priority=priority)
     st.check_prompt(prompt_ids, params, "messages")
     reserve(len(prompt_ids), overrides.get("max_tokens"), n=params.n, images=count_images(messages))  # 429 over TPM
-    ticket = st.admit(params.n)  # each of the n samples is a sequence in the engine
+    ticket = st.admit(params.n) if admit else None  # each of the n samples is a sequence in the engine
     chat = _Chat(st, req, params, prompt_ids, new_id("chatcmpl"), int(time.time()), images, names, clean)
-    if req.stream:
-        return StreamingResponse(chat.stream(ticket), media_type="text/event-stream", headers=SSE_HEADERS)
-    try:
-        out = await until_disconnected(request, st.final_output(prompt_ids, params, chat.id, ticket, images=images))
-    except ClientGone:
-        return Response(status_code=499)
-    return JSONResponse(chat.response(out))
+    return chat, ticket
 
 
 def _tool_call_names(req: ChatCompletionRequest) -> set[str]:
@@ -110,6 +123,9 @@ class _Chat:
         self.id = id
         self.created = created
         self.k = params.logprobs
+
+    async def final_output(self, ticket: Ticket | None):
+        return await self.st.final_output(self.prompt_ids, self.params, self.id, ticket, images=self.images)
 
     def _logprobs(self, token_ids, entries) -> dict | None:
         if self.k is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 from fastapi import APIRouter
@@ -13,7 +14,7 @@ from herd.platform.meter import reserve
 from herd.server.logprobs import legacy_logprobs, merge_legacy
 from herd.server.protocol import CompletionRequest, make_params, params_from, sampling_overrides
 from herd.server.routes.common import SSE_DONE, SSE_HEADERS, parse_body, sse, sse_error, state_of, usage
-from herd.server.state import ClientGone, ServerState, merge, new_id, until_disconnected
+from herd.server.state import ClientGone, ServerState, Ticket, merge, new_id, until_disconnected
 
 router = APIRouter()
 
@@ -22,6 +23,20 @@ router = APIRouter()
 async def completions(request: Request) -> Response:
     st = state_of(request)
     req = await parse_body(request, CompletionRequest)
+    c, ticket = await prepare_completion(st, req)
+    if req.stream:
+        return StreamingResponse(c.stream(ticket), media_type="text/event-stream", headers=SSE_HEADERS)
+    try:
+        outs = await until_disconnected(request, c.run_all(ticket))
+    except ClientGone:
+        return Response(status_code=499)
+    return JSONResponse(c.response(outs))
+
+
+async def prepare_completion(st: ServerState, req: CompletionRequest, *, priority: int = 0,
+                             admit: bool = True) -> tuple[_Completion, Ticket | None]:
+    """Checks, prompts, sampling parameters, reservation and ticket (see chat.prepare_chat: the
+    batch runner shares this path)."""
     st.check_model(req.model)
     overrides = sampling_overrides(req)
     params_from(st.engine, overrides)  # one early check of the sampling fields
@@ -40,18 +55,13 @@ async def completions(request: Request) -> Response:
             max_model_len=st.max_model_len,
             behavior=req.context_length_exceeded_behavior or "error",
         )
+        if priority != params.priority:
+            params = dataclasses.replace(params, priority=priority)
         st.check_prompt(ids, params, param)
         jobs.append((ids, params, text))
     reserve(sum(len(ids) for ids, _, _ in jobs), overrides.get("max_tokens"), n=sum(p.n for _, p, _ in jobs))
-    ticket = st.admit(sum(p.n for _, p, _ in jobs))  # sequences, not prompts
-    c = _Completion(st, req, jobs, new_id("cmpl"), int(time.time()))
-    if req.stream:
-        return StreamingResponse(c.stream(ticket), media_type="text/event-stream", headers=SSE_HEADERS)
-    try:
-        outs = await until_disconnected(request, c.run_all(ticket))
-    except ClientGone:
-        return Response(status_code=499)
-    return JSONResponse(c.response(outs))
+    ticket = st.admit(sum(p.n for _, p, _ in jobs)) if admit else None  # sequences, not prompts
+    return _Completion(st, req, jobs, new_id("cmpl"), int(time.time())), ticket
 
 
 class _Completion:
@@ -80,7 +90,8 @@ class _Completion:
             async for i, out in merge(self._streams()):
                 last[i] = out
         finally:
-            ticket.release()
+            if ticket is not None:
+                ticket.release()
         return [last[i] for i in range(len(self.jobs))]
 
     def _echo(self, i: int, out) -> tuple[str, dict | None]:
