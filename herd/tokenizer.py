@@ -22,6 +22,8 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
+from herd.content_format import content_format, flatten_text_parts
+
 # Inserted after the first character of every special-token string found in user-supplied
 # message content, so that the rendered prompt no longer contains that special-token string
 # there; removed again before the text is encoded. U+FDD0 is a Unicode noncharacter: it never
@@ -200,6 +202,8 @@ class Tokenizer:
         if source is None:
             raise ValueError("this tokenizer has no chat template; pass template=")
         messages = _prepare_messages(messages)
+        if content_format(source) == "string":  # a text model's template: parts joined into a string
+            messages = flatten_text_parts(messages)
         tools = copy.deepcopy(tools) if tools is not None else None
         if mark:
             messages = self._mark_specials(messages)

@@ -294,3 +294,28 @@ def test_sandboxed(tok):
         tok.render_chat([], template="{{ ''.__class__.__mro__[1].__subclasses__() }}")
     with pytest.raises(jinja2.exceptions.SecurityError):
         tok.render_chat([], template="{% set x = messages.append(1) %}")
+
+
+@pytest.mark.parametrize(
+    "template, expected",
+    [
+        ("{% for m in messages %}{{ '<s>' + m['role'] + m['content'] }}{% endfor %}", "string"),
+        ("{% for m in messages %}{{ m.content }}{% endfor %}", "string"),
+        ("{% for m in messages %}{% for p in m['content'] | selectattr('type', 'equalto', 'text') %}"
+         "{{ p.text }}{% endfor %}{% endfor %}", "openai"),
+        ("{% for m in messages %}{% set c = m.content %}{% for p in c %}{{ p.text }}{% endfor %}{% endfor %}", "openai"),
+    ],
+)
+def test_content_format_is_read_from_the_template(template, expected):
+    from herd.content_format import content_format
+
+    assert content_format(template) == expected
+
+
+def test_string_templates_get_text_parts_joined():
+    from herd.content_format import flatten_text_parts
+
+    parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+    assert flatten_text_parts([{"role": "user", "content": parts}]) == [{"role": "user", "content": "a\nb"}]
+    with pytest.raises(ValueError, match="text content only"):
+        flatten_text_parts([{"role": "user", "content": [{"type": "image", "image": "x"}]}])

@@ -50,3 +50,21 @@ def test_completions_prompt_is_tokenized_as_the_tokenizer_says(default_url):
     body = {"model": "smollm2-135m-instruct", "prompt": prompt, "max_tokens": 1, "temperature": 0}
     usage = httpx.post(f"{default_url}/v1/completions", json=body, timeout=60).json()["usage"]
     assert usage["prompt_tokens"] == len(hf(prompt).input_ids) == len(hf(prompt, add_special_tokens=False).input_ids)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_content_parts_with_a_string_template(default_url, stream):
+    """SmolLM2's template concatenates content as a string: text parts are joined for it."""
+    import httpx
+
+    from tests.server.test_prompt_forms import _chat
+
+    with httpx.Client(base_url=default_url, timeout=60) as client:
+        model = "smollm2-135m-instruct"
+        as_string = _chat(client, model, "What is the capital of France?\nAnswer briefly.", stream=stream)
+        parts = [{"type": "text", "text": "What is the capital of France?"}, {"type": "text", "text": "Answer briefly."}]
+        assert _chat(client, model, parts, stream=stream) == as_string
+        image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+        body = {"model": model, "messages": [{"role": "user", "content": [parts[0], image]}], "stream": stream}
+        refused = client.post("/v1/chat/completions", json=body)
+        assert refused.status_code == 400 and "image" in refused.json()["error"]["message"]
