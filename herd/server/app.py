@@ -24,6 +24,12 @@ log = logging.getLogger("herd.server")
 PLAYGROUND = Path(__file__).parent / "static" / "playground.html"
 
 
+def _exact_floats_in_this_thread() -> None:
+    import torch  # already loaded with the engine
+
+    torch.set_flush_denormal(False)
+
+
 def create_app(engine, options: ServerOptions | None = None, platform=None) -> FastAPI:
     """`engine` is a loaded AsyncEngine. With options.owns_engine the app starts it on startup
     and shuts it down on shutdown; otherwise the caller does (tests share one engine).
@@ -39,6 +45,10 @@ def create_app(engine, options: ServerOptions | None = None, platform=None) -> F
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.start()
+        # The engine flushes subnormal floats to zero for fast CPU matmuls, a per-thread setting
+        # that threads inherit; its own thread keeps it, but request validation here must not
+        # read a tiny positive value (top_p 5e-324) as zero.
+        _exact_floats_in_this_thread()
         log.info("serving %s (context %d tokens)", state.model_name, state.max_model_len)
         if batch is not None:
             batch.runner.start()  # resumes the batches a stop or crash left unfinished

@@ -58,6 +58,12 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param=param, code=code)
 
 
+def internal_error() -> APIError:
+    """A failure of herd's, not of the request: the details go to the log, never to the client
+    (they name herd's code)."""
+    return APIError(500, "internal server error; the server log has the details")
+
+
 def model_not_found(model: str) -> APIError:
     return APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
 
@@ -128,4 +134,4 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception):
         log.exception("internal error on %s %s", request.method, request.url.path)
-        return APIError(500, f"internal server error: {type(e).__name__}").response()
+        return internal_error().response()

@@ -347,7 +347,9 @@ def params_from(engine, overrides: dict[str, Any]) -> SamplingParams:
     """engine.default_params with the client's fields; SamplingParams' own refusals become 400s."""
     try:
         return engine.default_params(**overrides)
-    except (ValueError, TypeError) as e:
+    except TypeError:  # a field SamplingParams does not know: its message would name our code
+        raise bad_request("invalid sampling parameters") from None
+    except ValueError as e:
         message = str(e)
         param = message.split(" ", 1)[0]
         raise bad_request(message, param=param if param in SamplingParams.__dataclass_fields__ else None) from None

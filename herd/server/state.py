@@ -5,6 +5,7 @@ the same way)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 import uuid
@@ -12,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import jinja2
 from starlette.requests import Request
 
 from herd.chat_prompt import ChatPrompt, ImageLimitError, ImageOptions, build_chat_prompt
@@ -24,6 +26,14 @@ from herd.server.logprobs import TokenText
 from herd.server.metrics import Metrics
 
 T = TypeVar("T")
+log = logging.getLogger("herd.server")
+
+# Names the chat template receives from the request's own fields (or from herd): a
+# chat_template_kwargs entry may not replace them.
+_RESERVED_TEMPLATE_KWARGS = frozenset(
+    {"messages", "tools", "add_generation_prompt", "continue_final_message", "template", "options",
+     "model_dir", "tokenizer", "model_config"}
+)
 
 
 @dataclass
@@ -85,7 +95,19 @@ class ServerState:
         if model is not None and model not in self.model_names:
             raise model_not_found(model)
 
-    def admit(self, count: int = 1) -> Ticket:
+    def check_admissible(self, count: int, param: str) -> None:
+        """A request of more sequences than the server ever admits at once could never run: that is
+        the client's error (400, at once), not "busy, retry later" (503), which it would obey forever."""
+        if count > self.max_pending:
+            raise bad_request(
+                f"the request asks for {count} sequences (prompts x n); this server admits at most "
+                f"{self.max_pending} at once",
+                param=param,
+                code="too_many_sequences",
+            )
+
+    def admit(self, count: int = 1, param: str = "n") -> Ticket:
+        self.check_admissible(count, param)
         if not self.engine.is_running:
             raise APIError(503, "the engine is not running", headers={"retry-after": "5"})
         with self.pending_lock:
@@ -111,6 +133,12 @@ class ServerState:
     async def encode_chat(self, messages, *, tools=None, add_generation_prompt=True, continue_final_message=False,
                           chat_template_kwargs=None) -> ChatPrompt:
         """Prompt ids and images; image fetching and decoding happen here too, off the loop."""
+        reserved = sorted(set(chat_template_kwargs or ()) & _RESERVED_TEMPLATE_KWARGS)
+        if reserved:
+            raise bad_request(
+                f"chat_template_kwargs cannot set {', '.join(reserved)}: send them as request fields",
+                param="chat_template_kwargs",
+            )
         options = ImageOptions(
             limit_per_prompt=self.options.limit_mm_per_prompt.get("image", 0),
             allow_private_urls=self.options.allow_private_image_urls,
@@ -136,8 +164,11 @@ class ServerState:
             raise
         except (ImageError, FetchError, ImageLimitError) as e:  # bad or too many images: say which
             raise bad_request(str(e), param="messages") from None
-        except Exception as e:  # template errors (raise_exception, bad shapes) are the client's
+        except (ValueError, jinja2.TemplateError) as e:  # raise_exception, bad shapes: the client's
             raise bad_request(f"could not apply the chat template: {e}", param="messages") from None
+        except Exception:  # anything else says nothing useful to the client (and names our code)
+            log.warning("chat template failed", exc_info=True)
+            raise bad_request("could not apply the chat template to these messages", param="messages") from None
 
     async def encode_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """A text prompt's ids, with the special tokens the tokenizer itself adds (never a second BOS)."""

@@ -62,6 +62,8 @@ async def prepare_chat(st: ServerState, req: ChatCompletionRequest, *, priority:
         overrides["skip_special_tokens"] = False
         clean = special_token_remover(st.tokenizer)
     defaults = params_from(st.engine, overrides)
+    if admit:  # before any tokenizing: such a request can never run
+        st.check_admissible(defaults.n, "n")
     chat_prompt = await st.encode_chat(
         messages,
         tools=req.tools,
@@ -81,7 +83,7 @@ async def prepare_chat(st: ServerState, req: ChatCompletionRequest, *, priority:
         params = dataclasses.replace(params, priority=priority)
     st.check_prompt(prompt_ids, params, "messages")
     reserve(len(prompt_ids), overrides.get("max_tokens"), n=params.n, images=count_images(messages))  # 429 over TPM
-    ticket = st.admit(params.n) if admit else None  # each of the n samples is a sequence in the engine
+    ticket = st.admit(params.n, "n") if admit else None  # each of the n samples is a sequence in the engine
     chat = _Chat(st, req, params, prompt_ids, new_id("chatcmpl"), int(time.time()), images, names, clean)
     return chat, ticket
 

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
-from herd.server.errors import APIError, bad_request, from_validation_error, parse_json_body
+from herd.server.errors import APIError, bad_request, internal_error, from_validation_error, parse_json_body
 from herd.server.state import ServerState
 
 M = TypeVar("M", bound=BaseModel)
+
+log = logging.getLogger("herd.server")
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -51,5 +54,6 @@ SSE_DONE = "data: [DONE]\n\n"
 def sse_error(e: BaseException) -> str:
     """An error after the stream began: `data: {"error": {...}}` (both SDKs raise on it)."""
     if not isinstance(e, APIError):
-        e = APIError(500, f"internal server error: {type(e).__name__}: {e}")
+        log.error("a stream failed", exc_info=e)
+        e = internal_error()
     return sse(e.body())

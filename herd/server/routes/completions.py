@@ -39,8 +39,10 @@ async def prepare_completion(st: ServerState, req: CompletionRequest, *, priorit
     batch runner shares this path)."""
     st.check_model(req.model)
     overrides = sampling_overrides(req)
-    params_from(st.engine, overrides)  # one early check of the sampling fields
+    early = params_from(st.engine, overrides)  # one early check of the sampling fields
     prompts = req.prompts()
+    if admit:  # before any tokenizing: more sequences than the server ever admits can never run
+        st.check_admissible(len(prompts) * early.n, "prompt" if len(prompts) > 1 else "n")
     jobs = []
     for i, prompt in enumerate(prompts):
         param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
@@ -60,7 +62,7 @@ async def prepare_completion(st: ServerState, req: CompletionRequest, *, priorit
         st.check_prompt(ids, params, param)
         jobs.append((ids, params, text))
     reserve(sum(len(ids) for ids, _, _ in jobs), overrides.get("max_tokens"), n=sum(p.n for _, p, _ in jobs))
-    ticket = st.admit(sum(p.n for _, p, _ in jobs)) if admit else None  # sequences, not prompts
+    ticket = st.admit(sum(p.n for _, p, _ in jobs), "prompt" if len(jobs) > 1 else "n") if admit else None  # sequences, not prompts
     return _Completion(st, req, jobs, new_id("cmpl"), int(time.time())), ticket
 
 
