@@ -52,6 +52,7 @@ class Tokenizer:
         extra_eos_ids: Iterable[int] = (),
     ):
         self._tok = _HFTokenizer.from_str(tokenizer_json)
+        self.tokenizer_json = tokenizer_json  # the grammar library builds its own view from it
         # A second instance with special-token matching switched off, for text that must stay
         # text. `encode_special_tokens` is a setting on the object, so toggling it on one shared
         # instance would not be thread-safe; two instances are simpler.

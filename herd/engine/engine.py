@@ -29,6 +29,7 @@ from herd.engine.runner import Runner
 from herd.engine.sampling import SamplingParams
 from herd.engine.scheduler import Scheduler
 from herd.model.attention import CHUNKED, GLOBAL
+from herd.structured.manager import GrammarManager
 from herd.tokenizer import Tokenizer
 
 log = logging.getLogger("herd.engine")
@@ -160,8 +161,10 @@ class Engine:
         )
         self.blocks = KVBlockManager(self.cache, text.attention_chunk_size, options.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, options.max_num_seqs, options.max_num_batched_tokens)
-        self.runner = Runner(model, self.cache, device)
         self.eos_ids = set(tokenizer.eos_token_ids) | set(text.eos_token_id)
+        # Structured outputs: the vocabulary is prepared on first use, grammars compile off the loop.
+        self.grammars = GrammarManager(tokenizer, text.vocab_size, self.eos_ids)
+        self.runner = Runner(model, self.cache, device, grammars=self.grammars)
         self._groups: dict[str, _Group] = {}
         self._group_of: dict[str, _Group] = {}  # sequence request id -> its group
         self._ids = itertools.count()
@@ -200,6 +203,10 @@ class Engine:
                 raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the KV cache holds {capacity}")
         if params.logit_bias and any(not 0 <= int(t) < vocab for t in params.logit_bias):
             raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
+        if params.structured_outputs is not None:
+            from herd.structured.grammars import validate
+
+            validate(params.structured_outputs)  # a bad schema, regex or grammar: refused now
 
     def add_request(
         self,
@@ -237,6 +244,8 @@ class Engine:
                 wait_for=trackers[0].request if trackers and self.blocks.enable_prefix_caching else None,
                 images=list(images or []),
             )
+            if params.structured_outputs is not None:
+                child.grammar = self.grammars.start(params.structured_outputs)
             trackers.append(OutputTracker(child, self.tokenizer, i, self.max_model_len))
         group = _Group(request_id, list(prompt_ids), prompt, trackers)
         self._groups[request_id] = group
@@ -279,8 +288,15 @@ class Engine:
     # -- stepping -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Runs one scheduled batch; returns an output for every request that made progress."""
+        failed = self._fail_broken_grammars()
+        if failed:
+            return failed
         batch = self.scheduler.step()
         if not batch:
+            compiling = [r.grammar for r in self.scheduler.waiting if r.grammar is not None and not r.grammar.ready]
+            if compiling and not self.scheduler.running:
+                compiling[0].wait(0.05)  # nothing else to do: wait a moment for a grammar
+                return []
             if self.scheduler.waiting and not self.scheduler.running:
                 # Nothing fits even alone: refuse the head of the queue rather than hang.
                 r = self.scheduler.waiting[0]
@@ -300,12 +316,28 @@ class Engine:
                 continue
             group = self._group_of[r.request_id]
             group.trackers[self._index(group, r)].append(result)
+            if r.grammar is not None and not r.grammar.accept(result.token_id) and not r.finished:
+                r.finish("error", "the sampled token does not follow the grammar")
             if r.finished:
                 self.scheduler.finish(r)
             progressed[group.request_id] = group
         outputs = []
         for group in progressed.values():
             outputs.append(self._close(group) if group.finished else group.output())
+        return outputs
+
+    def _fail_broken_grammars(self) -> list[RequestOutput]:
+        """Ends the waiting requests whose grammar failed to compile (validation at submission
+        catches nearly all such grammars; this is the engine's own safety net)."""
+        outputs = []
+        for r in list(self.scheduler.waiting):
+            group = self._group_of.get(r.request_id)
+            if group is not None and r.grammar is not None and r.grammar.ready and r.grammar.error is not None:
+                for t in group.trackers:
+                    if not t.request.finished:
+                        t.request.finish("error", f"the grammar could not be compiled: {r.grammar.error}")
+                        self.scheduler.finish(t.request)
+                outputs.append(self._close(group))
         return outputs
 
     @staticmethod

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from herd.engine.sampling import SamplingParams
+from herd.structured.manager import RequestGrammar
 
 
 @dataclass(eq=False)
@@ -46,6 +47,8 @@ class Request:
     image_features: torch.Tensor | None = None
     # prompt_logprobs[i]: {token id -> logprob} for prompt token i given the tokens before it.
     prompt_logprobs: list[dict[int, float] | None] | None = None
+    # The grammar its output follows (structured outputs); the request starts once it compiled.
+    grammar: RequestGrammar | None = None
     status: Status = Status.WAITING
     finish_reason: str | None = None
     stop_reason: int | str | None = None

@@ -23,11 +23,12 @@ class ScheduledSeq:
 
 
 class Runner:
-    def __init__(self, model: Llama4TextModel, cache: KVCache, device: torch.device, vision_model=None):
+    def __init__(self, model: Llama4TextModel, cache: KVCache, device: torch.device, vision_model=None, grammars=None):
         self.model = model
         self.cache = cache
         self.device = device
         self.vision_model = vision_model  # None for text-only checkpoints
+        self.grammars = grammars  # a GrammarManager, or a callable that makes one (first use)
 
     def _encode_images(self, requests: list[Request]) -> None:
         """Runs the vision tower once over every tile of every image these requests still need
@@ -117,6 +118,14 @@ class Runner:
         if rows:
             rows_hidden = hidden[torch.tensor(sample_rows, device=self.device)]
             logits = self.model.compute_logits(rows_hidden, upcast=False)
+            constrained = [
+                (j, item.request.grammar)
+                for j, item in enumerate(i for i in batch if i.request.num_computed + i.num_new == i.request.num_tokens)
+                if item.request.grammar is not None
+            ]
+            if constrained:
+                # One bitmask for all constrained rows, applied before penalties and sampling.
+                self.grammars.apply(logits, constrained)
             sampled = iter(sample(logits, rows))
             for i, item in enumerate(batch):
                 r = item.request
@@ -148,7 +157,7 @@ class Runner:
 
     @staticmethod
     def _blocked(r: Request) -> list[int]:
-        # Stop tokens cannot end a sequence before min_tokens.
-        if len(r.output_ids) < r.params.min_tokens:
+        # Stop tokens cannot end a sequence before min_tokens (a grammar decides its own end).
+        if len(r.output_ids) < r.params.min_tokens and r.grammar is None:
             return sorted(r.stop_ids)
         return []

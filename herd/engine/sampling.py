@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from herd.structured.spec import StructuredOutputsParams
+
 
 @dataclass
 class SamplingParams:
@@ -37,10 +39,13 @@ class SamplingParams:
     # convention). Interactive requests run at 0; batch-API lines at 1, so they wait while
     # interactive work queues and are the first preempted when KV blocks run out.
     priority: int = 0
+    # Output that follows a JSON schema, regex, choice or grammar (a dict of vLLM's form works too).
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        self.structured_outputs = StructuredOutputsParams.coerce(self.structured_outputs)
         self.validate()
 
     def validate(self) -> None:

@@ -78,6 +78,8 @@ class Scheduler:
         return best
 
     def _ready(self, r: Request) -> bool:
+        if r.grammar is not None and not r.grammar.ready:
+            return False  # its grammar is still compiling; the others go ahead
         parent = r.wait_for
         return parent is None or parent.finished or parent.num_computed >= len(parent.prompt_ids)
 
