@@ -154,7 +154,7 @@ class Scheduler:
             if budget == 0:
                 break
             if not self._ready(r):
-                continue  # its sibling is still computing the shared prompt
+                continue  # its sibling is still computing the shared prompt, or its grammar compiling
             if len(self.running) >= self.max_num_seqs:
                 break
             num_new = self._admit(r, budget)
