@@ -173,11 +173,9 @@ class _Chat:
                     "finish_reason": finish_reason,
                     "stop_reason": o.stop_reason,
                     "logprobs": self._logprobs(o.token_ids, o.logprobs),
-                    "message": {
-                        "role": "assistant",
-                        "content": content,
-                        "tool_calls": [c.to_openai() for c in calls or ()],
-                    },
+                    # No tool_calls key without calls: OpenAI leaves it out, and clients test for it.
+                    "message": {"role": "assistant", "content": content}
+                    | ({"tool_calls": [c.to_openai() for c in calls]} if calls else {}),
                 }
             )
         body = {
