@@ -9,7 +9,12 @@ import sys
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="checkpoint directory, or demo (default: SmolLM2-135M-Instruct, converted once)")
+    p.add_argument("--model", default=None,
+                   help="checkpoint directory, Hugging Face Hub id (org/name), or demo "
+                        "(default: SmolLM2-135M-Instruct, converted once)")
+    p.add_argument("--revision", default=None, help="the Hub model's branch, tag or commit (default: main)")
+    p.add_argument("--download-dir", default=None,
+                   help="where Hub models are cached (default: the Hugging Face cache, $HF_HOME/hub)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
@@ -81,7 +86,7 @@ def _sampling(args):
 def cmd_generate(args) -> int:
     from herd import LLM
 
-    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, revision=args.revision, download_dir=args.download_dir)
     params = _sampling(args)
     if args.raw:
         out = llm.generate(args.prompt, params)[0]
@@ -118,7 +123,7 @@ def cmd_chat(args) -> int:
 def _chat_in_process(args):
     from herd import LLM
 
-    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, revision=args.revision, download_dir=args.download_dir)
     params = _sampling(args)
     engine = llm.engine
 
@@ -190,7 +195,7 @@ def cmd_serve(args) -> int:
 
         platform = Platform(load_platform_config(args.config), require_api_key=True if args.require_api_key else None)
     from herd.config import load_config
-    from herd.engine.engine import resolve_model_dir
+    from herd.model_source import resolve_model_dir, served_name
     from herd.engine.options import check_image_limits
 
     # Every option is read and checked against the model's config before any weight is loaded.
@@ -208,7 +213,7 @@ def cmd_serve(args) -> int:
         allow_private_image_urls=args.allow_private_image_urls,
     )
     model = args.model_dir or args.model
-    model_dir = resolve_model_dir(model)
+    model_dir = resolve_model_dir(model, revision=args.revision, download_dir=args.download_dir)
     check_image_limits(limits, load_config(model_dir), explicit=args.limit_mm_per_prompt is not None)
     engine = AsyncEngine.from_pretrained(
         model_dir,
@@ -224,7 +229,7 @@ def cmd_serve(args) -> int:
         kv_cache_dtype=args.kv_cache_dtype,
         quantization=args.quantization,
     )
-    names = args.served_model_name or [engine.model_dir.name]
+    names = args.served_model_name or [served_name(model, model_dir)]  # a Hub model is served by its id
     price_input, price_output = args.price_input, args.price_output
     if platform is not None and not (price_input or price_output):
         # /v1/models shows what the ledger bills.
@@ -319,7 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("serve", help="serve the OpenAI- and Together-compatible HTTP API")
-    p.add_argument("model_dir", nargs="?", default=None, help="checkpoint directory, or demo (default: SmolLM2-135M-Instruct, converted once)")
+    p.add_argument("model_dir", nargs="?", default=None,
+                   help="checkpoint directory, Hugging Face Hub id (org/name), or demo "
+                        "(default: SmolLM2-135M-Instruct, converted once)")
     _add_model_args(p)
     _add_serve_args(p)
     p.set_defaults(func=cmd_serve)

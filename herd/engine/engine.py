@@ -29,6 +29,7 @@ from herd.engine.runner import Runner
 from herd.engine.sampling import SamplingParams
 from herd.engine.scheduler import Scheduler
 from herd.model.attention import CHUNKED, GLOBAL
+from herd.model_source import resolve_model_dir  # noqa: F401  (also imported from here)
 from herd.structured.manager import GrammarManager
 from herd.tokenizer import Tokenizer
 
@@ -50,23 +51,6 @@ class EngineStats:
     prefix_queries: int  # prompt tokens looked up in the prefix cache
     prefix_hits: int  # of which were found
     num_preemptions: int
-
-
-def resolve_model_dir(model: str | Path | None) -> Path:
-    """A checkpoint directory. None -> the default model (SmolLM2-135M-Instruct converted to a
-    Llama 4 text checkpoint, made once in herd's cache); "demo" -> the random-weight demo."""
-    from herd.demo import DEMO_NAME, ensure_demo_model
-
-    if model is None:
-        from herd.default_model import ensure_default_model
-
-        return ensure_default_model()
-    if str(model) == DEMO_NAME:
-        return ensure_demo_model()
-    path = Path(model)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{model} is not a checkpoint directory (no config.json)")
-    return path
 
 
 def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig, device: torch.device) -> torch.dtype:
@@ -355,8 +339,10 @@ def _load_engine(model, dtype, device, engine_options) -> Engine:
     # quantization="fp8" / "fp8-all": a bf16 checkpoint quantized while loading (FP8 ones need none).
     engine_options = dict(engine_options)
     quantization = engine_options.pop("quantization", None)
+    # Where the files come from: a Hub revision and a download directory for Hub ids.
+    source = {k: engine_options.pop(k) for k in ("revision", "download_dir") if k in engine_options}
     options = engine_options_from(engine_options)  # a misspelt option fails before anything loads
-    model_dir = resolve_model_dir(model)
+    model_dir = resolve_model_dir(model, **source)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     config = load_config(model_dir)
     # Everything that can be checked from the config is, before the weights are read.

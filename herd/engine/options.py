@@ -39,7 +39,7 @@ def engine_options_from(kwargs: dict[str, Any]) -> EngineOptions:
     if unknown:
         raise ValueError(
             f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
-            f"herd's engine options are {', '.join(sorted(known | {'quantization'}))}"
+            f"herd's engine options are {', '.join(sorted(known | {'quantization', 'revision', 'download_dir'}))}"
         )
     return EngineOptions(**kwargs)
 
