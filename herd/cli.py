@@ -352,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module, help_text in (
         ("plan", "herd.plan", "KV-cache memory per token and the longest context a budget admits"),
         ("convert-gguf", "herd.gguf", "convert a dense Llama GGUF file into a Llama 4 text checkpoint"),
+        ("batch", "herd.batch_cli", "run a batch file (OpenAI batch lines) offline: herd batch run IN.jsonl OUT.jsonl"),
     ):
         p = sub.add_parser(name, help=help_text)
         _lazy(module).add_arguments(p)

@@ -154,7 +154,8 @@ def cmd_usage(args) -> int:
         head.append("KEY")
     if "model" in by:
         head.append("MODEL")
-    head += ["REQUESTS", "ABORTED", "FAILED", "RETRIED", "PROMPT", "CACHED", "COMPLETION", "IMAGES", "COST USD"]
+    head += ["REQUESTS", "ABORTED", "FAILED", "RETRIED", "PROMPT", "CACHED", "COMPLETION", "IMAGES", "COST USD",
+             "BATCH", "BATCH USD"]
     table = [tuple(head)]
     for r in sorted(rows, key=lambda r: (r.get("day", ""), r.get("key_name") or "", r.get("model", ""))):
         cells = []
@@ -167,6 +168,7 @@ def cmd_usage(args) -> int:
         cells += [str(r[k]) for k in ("requests", "aborted", "failed", "retries", "prompt_tokens", "cached_tokens",
                                       "completion_tokens", "images")]
         cells.append(f"{r['cost_usd']:.6f}")
+        cells += [str(r["batch_requests"]), f"{r['batch_cost_usd']:.6f}"]  # batch lines, included in the above
         table.append(tuple(cells))
     _table(table)
     total_cost = sum(r["cost_usd"] for r in rows)
@@ -174,6 +176,11 @@ def cmd_usage(args) -> int:
     total_out = sum(r["completion_tokens"] for r in rows)
     print(f"\ntotal: {sum(r['requests'] for r in rows)} requests, {total_in} prompt + {total_out} completion tokens, "
           f"${total_cost:.6f}")
+    batch_requests = sum(r["batch_requests"] for r in rows)
+    if batch_requests:
+        discount = config.batch.discount
+        print(f"of which batch: {batch_requests} requests, {sum(r['batch_tokens'] for r in rows)} tokens, "
+              f"${sum(r['batch_cost_usd'] for r in rows):.6f} (batch discount {discount:.0%})")
     models = sorted({r["model"] for r in rows if "model" in r})
     for m in models:
         p = config.price_for(m)

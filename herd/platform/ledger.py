@@ -141,7 +141,8 @@ class Ledger:
         with self.db.read() as conn:
             rows = conn.execute(
                 select(usage.c.key_id, usage.c.created_at, tokens)
-                .where(usage.c.created_at > since, usage.c.key_id.is_not(None))
+                # Batch lines have their own pool (herd/server/batch_runner.py), apart from these limits.
+                .where(usage.c.created_at > since, usage.c.key_id.is_not(None), usage.c.batch.is_(False))
             ).all()
         return [(r[0], r[1], int(r[2])) for r in rows]
 
@@ -181,6 +182,11 @@ class Ledger:
                 func.sum(usage.c.completion_tokens).label("completion_tokens"),
                 func.sum(usage.c.images).label("images"),
                 func.sum(usage.c.cost_usd).label("cost_usd"),
+                # Batch-API lines (also counted above), shown apart: they are billed at a discount.
+                func.sum(case((usage.c.batch, 1), else_=0)).label("batch_requests"),
+                func.sum(case((usage.c.batch, usage.c.prompt_tokens + usage.c.completion_tokens), else_=0))
+                .label("batch_tokens"),
+                func.sum(case((usage.c.batch, usage.c.cost_usd), else_=0.0)).label("batch_cost_usd"),
             )
             .select_from(usage.outerjoin(api_keys, usage.c.key_id == api_keys.c.id))
             .where(usage.c.status != "running")
@@ -201,9 +207,10 @@ class Ledger:
         out = []
         for r in rows:
             for k in ("requests", "finished", "aborted", "failed", "retries", "prompt_tokens", "cached_tokens",
-                      "completion_tokens", "images"):
+                      "completion_tokens", "images", "batch_requests", "batch_tokens"):
                 r[k] = int(r[k] or 0)
             r["cost_usd"] = round(float(r["cost_usd"] or 0.0), 10)
+            r["batch_cost_usd"] = round(float(r["batch_cost_usd"] or 0.0), 10)
             r["total_tokens"] = r["prompt_tokens"] + r["completion_tokens"]
             if "model" in r:
                 price = self.config.price_for(r["model"])

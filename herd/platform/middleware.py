@@ -279,9 +279,11 @@ def install(app, platform: Platform, *, model: str) -> Platform:
         total = {
             k: sum(r[k] for r in rows)
             for k in ("requests", "finished", "aborted", "failed", "retries", "prompt_tokens", "cached_tokens",
-                      "completion_tokens", "total_tokens", "images", "cost_usd")
+                      "completion_tokens", "total_tokens", "images", "cost_usd", "batch_requests", "batch_tokens",
+                      "batch_cost_usd")
         }
         total["cost_usd"] = round(total["cost_usd"], 10)
+        total["batch_cost_usd"] = round(total["batch_cost_usd"], 10)
         return JSONResponse({"object": "usage", "key": key, "data": rows, "total": total})
 
     for path in USAGE_PATHS:

@@ -37,11 +37,12 @@ def _error(code: str, line: int | None, message: str, param: str | None = None) 
     return {"code": code, "line": line, "message": message, "param": param}
 
 
-def read_lines(path: Path, endpoint: str, *, models: list[str] | None = None,
-               max_lines: int = 50_000) -> tuple[list[Line], list[dict]]:
+def read_lines(path: Path, endpoint: str, *, models: list[str] | None = None, max_lines: int = 50_000,
+               any_endpoint: bool = False) -> tuple[list[Line], list[dict]]:
     """The file's lines, or the validation errors that fail the batch: bad JSON, a line that
     is not a request, a duplicate custom_id, a url other than the batch's endpoint, more than
-    one model (or one not served: `models`), more than `max_lines` lines, an empty file."""
+    one model (or one not served: `models`), more than `max_lines` lines, an empty file.
+    `any_endpoint`: a line's url may be any supported endpoint (offline runs)."""
     lines: list[Line] = []
     errors: list[dict] = []
     seen: dict[str, int] = {}
@@ -78,7 +79,7 @@ def read_lines(path: Path, endpoint: str, *, models: list[str] | None = None,
                 continue
             seen[custom_id] = number
             url = item.get("url", endpoint)
-            if url != endpoint:
+            if url != endpoint and not (any_endpoint and url in ENDPOINTS):
                 errors.append(_error("url_mismatch", number,
                                      f"line {number}: url {url!r} is not the batch's endpoint {endpoint!r}", "url"))
                 continue

@@ -71,6 +71,7 @@ def test_usage(url, capsys):
         "model": MAVERICK, "requests": 1, "finished": 1, "aborted": 0, "failed": 0, "retries": 0,
         "prompt_tokens": 3000, "cached_tokens": 0, "completion_tokens": 1000, "images": 0,
         "cost_usd": pytest.approx((3000 * 0.27 + 1000 * 0.85) / 1e6), "total_tokens": 4000,
+        "batch_requests": 0, "batch_tokens": 0, "batch_cost_usd": 0.0,
         "price_per_1m": {"input": 0.27, "output": 0.85, "blended_3_1": 0.415},
     }]
     assert run(["usage", "--by", "hour"], url) == 2

@@ -112,7 +112,8 @@ def test_summary_by_key_model_day(db):
     assert ledger.summary(since="2026-01-02", by=("day",)) == [
         {"day": "2026-01-02", "requests": 1, "finished": 1, "aborted": 0, "failed": 0, "retries": 0,
          "prompt_tokens": 7, "cached_tokens": 0, "completion_tokens": 3, "images": 2,
-         "cost_usd": pytest.approx((7 * 0.27 + 3 * 0.85) / 1e6), "total_tokens": 10}
+         "cost_usd": pytest.approx((7 * 0.27 + 3 * 0.85) / 1e6), "total_tokens": 10,
+         "batch_requests": 0, "batch_tokens": 0, "batch_cost_usd": 0.0}
     ]
     assert sum(r["requests"] for r in ledger.summary(until="2026-01-01", by=())) == 4
     with pytest.raises(ValueError):

@@ -104,6 +104,10 @@ def test_openai_sdk_flow_bodies_equal_online(engine, tmp_path):
             full = price.cost(r["prompt_tokens"], r["completion_tokens"], r["cached_tokens"])
             assert r["cost_usd"] == pytest.approx(full * 0.5)
             assert r["status"] == ("failed" if r["request_id"].endswith("-4") else "finished")
+        # /v1/usage shows the batch lines apart.
+        total = httpx.get(url + "/v1/usage").json()["total"]
+        assert total["batch_requests"] == 4 and total["requests"] >= 4 + 3
+        assert total["batch_cost_usd"] == pytest.approx(sum(r["cost_usd"] for r in rows))
         # Lists: OpenAI's page shape, newest first.
         page = c.batches.list(limit=10)
         assert [x.id for x in page.data] == [b.id] and page.has_more is False
