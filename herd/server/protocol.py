@@ -52,6 +52,7 @@ class _SamplingFields(BaseModel):
     min_tokens: int | None = Field(default=None, ge=0)
     ignore_eos: bool | None = None
     prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    structured_outputs: dict[str, Any] | None = None  # {json | regex | choice | grammar | json_object}
 
     @field_validator("stop")
     @classmethod
@@ -106,6 +107,7 @@ class ChatCompletionRequest(_SamplingFields):
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
     add_generation_prompt: bool | None = True
     continue_final_message: bool | None = False
     chat_template_kwargs: dict[str, Any] | None = None
@@ -139,6 +141,7 @@ class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: Any = None  # int 0..20 (legacy OpenAI and Together)
     suffix: str | None = None
+    response_format: dict[str, Any] | None = None
     best_of: int | None = None
 
     @field_validator("logprobs", mode="before")

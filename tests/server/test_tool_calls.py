@@ -399,17 +399,15 @@ def test_no_tools_or_tool_choice_none_means_text(fake, client):
     assert r.choices[0].message.content == "".join(JSON_CALL) and not r.choices[0].message.tool_calls
 
 
-def test_required_and_named_tool_choice_are_not_enforced(fake, client):
-    """No constrained decoding: a reply that is not a call comes back as text."""
-    fake.reply = ["I would rather not."]
-    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
-        r = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=choice)
-        assert r.choices[0].message.content == "I would rather not." and r.choices[0].finish_reason == "stop"
-    fake.reply = JSON_CALL
-    r = client.chat.completions.create(
-        model=MODEL, messages=ASK, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}}
-    )
-    assert r.choices[0].message.tool_calls[0].function.name == "get_weather"
+def test_required_and_named_tool_choice_ask_the_engine_for_calls(fake, client):
+    """A forced choice reaches the engine as a grammar of calls (tests/server/test_structured_outputs.py
+    checks what the real engine then writes); "auto" stays free."""
+    for choice, names in (("required", ["get_weather", "search"]), ({"type": "function", "function": {"name": "search"}}, ["search"])):
+        client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=choice, parallel_tool_calls=False)
+        spec = fake.params[-1].structured_outputs.tool_calls
+        assert [f["name"] for f in spec["functions"]] == names and spec["parallel"] is False
+    client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS)
+    assert fake.params[-1].structured_outputs is None
 
 
 @pytest.mark.parametrize(

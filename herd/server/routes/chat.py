@@ -24,6 +24,7 @@ from herd.server.protocol import (
 )
 from herd.server.routes.common import SSE_DONE, SSE_HEADERS, parse_body, sse, sse_error, state_of, usage
 from herd.server.state import ClientGone, ServerState, Ticket, new_id, until_disconnected
+from herd.server.structured import response_constraint, tool_call_constraint
 from herd.server.tool_calls import ToolCallStream, special_token_remover, split_reply, tool_names
 
 router = APIRouter()
@@ -55,6 +56,9 @@ async def prepare_chat(st: ServerState, req: ChatCompletionRequest, *, priority:
         raise bad_request("continue_final_message needs a final assistant message", param="messages")
     overrides = sampling_overrides(req)
     names = _tool_call_names(req)
+    constraint = tool_call_constraint(req, names) or response_constraint(req)
+    if constraint is not None:
+        overrides["structured_outputs"] = constraint
     clean = None
     if names and req.skip_special_tokens is None:
         # Keep <|python_start|> in the text so a call after some prose is found; the special
@@ -91,8 +95,8 @@ async def prepare_chat(st: ServerState, req: ChatCompletionRequest, *, priority:
 def _tool_call_names(req: ChatCompletionRequest) -> set[str]:
     """The function names whose calls are parsed out of the reply (none: the reply is all text).
 
-    `tool_choice` "required" or a named function is not enforced (there is no constrained
-    decoding): the prompt offers the tools, and a reply that is not a valid call comes back as text.
+    "auto" lets the model choose (a reply that is not a valid call comes back as text);
+    "required" and a named function are enforced by a grammar (herd.server.structured).
     """
     choice = req.tool_choice
     if choice not in (None, "auto", "none") and not req.tools:

@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from herd.platform.meter import reserve
 from herd.server.logprobs import legacy_logprobs, merge_legacy
 from herd.server.protocol import CompletionRequest, make_params, params_from, sampling_overrides
+from herd.server.structured import response_constraint
 from herd.server.routes.common import SSE_DONE, SSE_HEADERS, parse_body, sse, sse_error, state_of, usage
 from herd.server.state import ClientGone, ServerState, Ticket, merge, new_id, until_disconnected
 
@@ -39,6 +40,9 @@ async def prepare_completion(st: ServerState, req: CompletionRequest, *, priorit
     batch runner shares this path)."""
     st.check_model(req.model)
     overrides = sampling_overrides(req)
+    constraint = response_constraint(req)
+    if constraint is not None:
+        overrides["structured_outputs"] = constraint
     early = params_from(st.engine, overrides)  # one early check of the sampling fields
     prompts = req.prompts()
     if admit:  # before any tokenizing: more sequences than the server ever admits can never run
