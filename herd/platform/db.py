@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,7 @@ log = logging.getLogger("herd.platform")
 MIGRATIONS = Path(__file__).parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 _PG_MIGRATION_LOCK = 0x6865726401  # pg_advisory_xact_lock key ("herd" + 1)
+_NAMED_PARAM = re.compile(r"(?<![:\w]):(\w+)")
 
 
 def default_url() -> str:
@@ -83,6 +85,35 @@ class Database:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    # -- the request path's few fixed statements ------------------------------------------------
+    def driver_sql(self, sql: str) -> str:
+        """`sql` with its `:name` parameters in the driver's style (sqlite3 takes `:name`,
+        psycopg `%(name)s`), for `cursor`."""
+        return sql if self.dialect == "sqlite" else _NAMED_PARAM.sub(r"%(\1)s", sql)
+
+    @contextlib.contextmanager
+    def driver_transaction(self, conn: Connection) -> Iterator[None]:
+        """A write transaction run on `conn`'s driver connection, for statements that use only
+        `cursor` (the platform's database worker: SQLAlchemy's begin and commit cost it more
+        than the statements of a whole batch)."""
+        raw = conn.connection.dbapi_connection
+        if self.dialect == "sqlite":
+            raw.execute("BEGIN IMMEDIATE")  # the connection is in autocommit mode (see _setup_sqlite)
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(Exception):
+                raw.rollback()
+            raise
+        raw.commit()
+
+    @staticmethod
+    def cursor(conn: Connection):
+        """A driver cursor inside `conn`'s transaction. The per-request statements (rate-limit
+        decisions, ledger rows) run on it: SQLAlchemy's work per statement costs several times
+        SQLite's own, and these statements are fixed text that needs none of it."""
+        return conn.connection.dbapi_connection.cursor()
 
     # -- migrations -------------------------------------------------------------------------
     def _alembic(self, conn: Connection):

@@ -1,6 +1,6 @@
 """API keys: a random secret shown once, stored only as its SHA-256 (a 256-bit random secret needs
-no salt or slow hash: nothing can be guessed from the digest). Revocation takes effect on the next
-request, since every request looks its key up."""
+no salt or slow hash: nothing can be guessed from the digest). `authenticate` looks the key up
+every time; the server caches its answers for a few seconds (herd.platform.service)."""
 
 from __future__ import annotations
 
@@ -54,6 +54,7 @@ class KeyStoreError(ValueError):
 class KeyStore:
     def __init__(self, db: Database):
         self.db = db
+        self.changes = 0  # bumped by every create and revoke through this store (caches compare it)
 
     def create(self, name: str, *, rpm: int | None = None, tpm: int | None = None) -> tuple[ApiKey, str]:
         """Returns the key and its secret; the secret is not stored and cannot be shown again."""
@@ -75,6 +76,7 @@ class KeyStore:
                 ).scalar_one()
         except IntegrityError:
             raise KeyStoreError(f"an active key named {name!r} already exists") from None
+        self.changes += 1
         return ApiKey(key_id, name, secret[:_PREFIX_SHOWN], rpm, tpm, now, None), secret
 
     def list(self, *, include_revoked: bool = True) -> list[ApiKey]:
@@ -113,6 +115,7 @@ class KeyStore:
             conn.execute(
                 update(api_keys).where(api_keys.c.id == key.id, api_keys.c.revoked_at.is_(None)).values(revoked_at=now)
             )
+        self.changes += 1
         return self.get(key.id)
 
     def count(self, *, include_revoked: bool = False) -> int:

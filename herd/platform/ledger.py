@@ -1,21 +1,25 @@
 """The usage and cost ledger: exactly one row per request id.
 
 A request's row is written at admission (status `running`, with its prompt tokens and token
-reservation: the rate limiter rebuilds its window from these after a restart) and completed at the
-end, before the response's last bytes go out (`finished`, `aborted` or `failed`, with real usage
-and cost). Both writes are idempotent: a second `begin` is ignored, and `end` only completes a row
-that is still running, so retrying a write never double-bills. Rows still `running` when a server
-starts were cut off by a crash; `recover` marks them `aborted`, billed for their prompt.
+reservation) and completed at the end, committed before the response's last bytes go out
+(`finished`, `aborted` or `failed`, with real usage and cost). Both writes are idempotent: a second
+`begin` is ignored, and `end` only completes a row that is still open, so retrying a write never
+double-bills. Rows still `running` when a server starts were cut off by a crash; `recover` marks
+them `aborted`, billed for their prompt. Where several servers share one database, a starting one
+may thus recover a row that another still serves: that server's `end` then still completes the
+row (a recovered row counts as open, once).
+
+On a server these writes go through the platform's database worker (herd.platform.worker), many
+requests' rows to one transaction; `begin_in`/`end_in` run inside such a transaction.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 
-from sqlalchemy import and_, case, func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Connection, and_, case, func, select, update
 
 from herd.platform.config import PlatformConfig
 from herd.platform.db import Database
@@ -53,7 +57,7 @@ class UsageRecord:
         return self.prompt_tokens + self.completion_tokens
 
     def row(self) -> dict:
-        d = asdict(self)
+        d = {k: getattr(self, k) for k in _RECORD_FIELDS}
         d["day"] = utc_day(self.created_at)
         if d["error"] is not None:
             d["error"] = d["error"][:500]
@@ -61,42 +65,63 @@ class UsageRecord:
 
 
 _RECORD_FIELDS = [f.name for f in fields(UsageRecord)]
+# What `end` may change in a row `begin` wrote (not who, when or which request).
+_FINAL_FIELDS = [k for k in _RECORD_FIELDS if k not in ("request_id", "created_at", "key_id")]
+RECOVERED_ERROR = "the server stopped while the request ran"
 
 
 class Ledger:
     def __init__(self, db: Database, config: PlatformConfig | None = None):
         self.db = db
         self.config = config or PlatformConfig()
+        self._begin_sql = self._end_sql = None
 
-    def _insert(self):
-        return (postgresql.insert if self.db.dialect == "postgresql" else sqlite.insert)(usage)
+    def _statements(self) -> tuple[str, str]:
+        """The two request-path statements, as driver SQL (built once; see Database.cursor)."""
+        if self._begin_sql is None:
+            cols = _RECORD_FIELDS + ["day"]
+            insert = f"INSERT INTO usage ({', '.join(cols)}) VALUES ({', '.join(':' + c for c in cols)})"
+            self._begin_sql = self.db.driver_sql(f"{insert} ON CONFLICT (request_id) DO NOTHING RETURNING request_id")
+            final = ", ".join(f"{c} = excluded.{c}" for c in _FINAL_FIELDS)
+            # A row that a starting server recovered as aborted while this one still served it
+            # (several servers on one database) is completed with what really happened.
+            self._end_sql = self.db.driver_sql(
+                f"{insert} ON CONFLICT (request_id) DO UPDATE SET {final} WHERE usage.status = 'running' "
+                f"OR (usage.status = 'aborted' AND usage.error = :recovered) RETURNING request_id"
+            )
+        return self._begin_sql, self._end_sql
 
-    def begin(self, rec: UsageRecord) -> bool:
-        """Records an admitted request as running. False when its id is already there."""
+    def begin_in(self, conn: Connection, rec: UsageRecord) -> bool:
+        """`begin` inside the caller's write transaction."""
         if not rec.created_at:
             rec.created_at = time.time()
         rec.status = "running"
-        with self.db.write() as conn:
-            stmt = self._insert().values(rec.row()).on_conflict_do_nothing(index_elements=["request_id"])
-            # RETURNING, not rowcount: psycopg reports -1 for an INSERT ... ON CONFLICT.
-            return conn.execute(stmt.returning(usage.c.request_id)).first() is not None
+        cur = self.db.cursor(conn)
+        # RETURNING, not rowcount: psycopg reports -1 for an INSERT ... ON CONFLICT.
+        cur.execute(self._statements()[0], rec.row())
+        return cur.fetchone() is not None
 
-    def end(self, rec: UsageRecord) -> bool:
-        """Completes the request's row (inserting it when `begin` never ran) with its final status,
-        usage and cost. False when the row had already been completed: nothing changes then."""
+    def end_in(self, conn: Connection, rec: UsageRecord) -> bool:
+        """`end` inside the caller's write transaction."""
         if rec.status not in STATUSES:
             raise ValueError(f"a request ends finished, aborted or failed, not {rec.status!r}")
         if not rec.created_at:
             rec.created_at = time.time()
         rec.cost_usd = self.config.price_for(rec.model).cost(rec.prompt_tokens, rec.completion_tokens, rec.cached_tokens)
-        row = rec.row()
-        stmt = self._insert().values(row)
-        final = {k: stmt.excluded[k] for k in row if k not in ("request_id", "created_at", "day", "key_id")}
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["request_id"], set_=final, where=usage.c.status == "running"
-        )
+        cur = self.db.cursor(conn)
+        cur.execute(self._statements()[1], {**rec.row(), "recovered": RECOVERED_ERROR})
+        return cur.fetchone() is not None
+
+    def begin(self, rec: UsageRecord) -> bool:
+        """Records an admitted request as running. False when its id is already there."""
         with self.db.write() as conn:
-            return conn.execute(stmt.returning(usage.c.request_id)).first() is not None
+            return self.begin_in(conn, rec)
+
+    def end(self, rec: UsageRecord) -> bool:
+        """Completes the request's row (inserting it when `begin` never ran) with its final status,
+        usage and cost. False when the row had already been completed: nothing changes then."""
+        with self.db.write() as conn:
+            return self.end_in(conn, rec)
 
     def get(self, request_id: str) -> UsageRecord | None:
         with self.db.read() as conn:
@@ -126,25 +151,9 @@ class Ledger:
                 conn.execute(
                     update(usage)
                     .where(usage.c.request_id == r.request_id, usage.c.status == "running")
-                    .values(status="aborted", cost_usd=cost, error="the server stopped while the request ran")
+                    .values(status="aborted", cost_usd=cost, error=RECOVERED_ERROR)
                 )
         return len(rows)
-
-    def recent_charges(self, since: float) -> list[tuple[int, float, int]]:
-        """(key_id, admitted_at, tokens) of keyed requests admitted after `since`, for the rate
-        limiter: real usage for ended requests, the reservation for running ones."""
-        tokens = case(
-            (usage.c.status == "running", func.max(usage.c.reserved_tokens, usage.c.prompt_tokens)
-             if self.db.dialect == "sqlite" else func.greatest(usage.c.reserved_tokens, usage.c.prompt_tokens)),
-            else_=usage.c.prompt_tokens + usage.c.completion_tokens,
-        )
-        with self.db.read() as conn:
-            rows = conn.execute(
-                select(usage.c.key_id, usage.c.created_at, tokens)
-                # Batch lines have their own pool (herd/server/batch_runner.py), apart from these limits.
-                .where(usage.c.created_at > since, usage.c.key_id.is_not(None), usage.c.batch.is_(False))
-            ).all()
-        return [(r[0], r[1], int(r[2])) for r in rows]
 
     # -- summaries --------------------------------------------------------------------------
     def summary(

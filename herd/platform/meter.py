@@ -1,7 +1,7 @@
 """What the HTTP routes tell the platform about the request they are serving, through a context
 variable the platform middleware sets (both hooks do nothing when the platform is not installed):
 
-    reserve(prompt_tokens, max_tokens, n=..., images=...)  once the prompt is tokenized; raises
+    await reserve(prompt_tokens, max_tokens, n=..., images=...)  once the prompt is tokenized; raises
         RateLimited (-> 429) when the key's tokens-per-minute budget cannot hold it
     observe(out)  every RequestOutput the engine yields (its usage so far)
 
@@ -16,12 +16,12 @@ from typing import Any
 _current: contextvars.ContextVar[Any] = contextvars.ContextVar("herd_platform_meter", default=None)
 
 
-def reserve(prompt_tokens: int, max_tokens: int | None, *, n: int = 1, images: int = 0) -> None:
+async def reserve(prompt_tokens: int, max_tokens: int | None, *, n: int = 1, images: int = 0) -> None:
     """Reserves prompt + max_tokens per sample (the configured default when the client sent no
     max_tokens) against the caller's tokens-per-minute, and records the admission."""
     meter = _current.get()
     if meter is not None:
-        meter.reserve(prompt_tokens, max_tokens, n=n, images=images)
+        await meter.reserve(prompt_tokens, max_tokens, n=n, images=images)
 
 
 def observe(out: Any) -> None:

@@ -4,14 +4,20 @@ It adds one plain ASGI middleware (it never buffers a stream) that, for every pa
 ones (/health, /ping, /version, /metrics) and CORS preflights:
   - authenticates `Authorization: Bearer <key>` (or `x-api-key`): 401 `invalid_api_key` in
     OpenAI's error shape; open while no key was ever created, unless `require_api_key`;
-  - on POST .../chat/completions and .../completions: takes a request slot (429 `retry-after`
-    when the key is over its requests per minute), lets the route reserve tokens
-    (herd.platform.meter.reserve -> 429 when over tokens per minute), and writes the request's
+  - on POST .../chat/completions and .../completions: lets the route admit the request once its
+    prompt is tokenized (herd.platform.meter.reserve: a request slot and prompt + max_tokens
+    tokens, or 429 with `retry-after` when the key is over its requests or tokens per minute; a
+    key known to be out of requests gets its 429 before the body is read), and writes the request's
     one ledger row at the end: finished, aborted (the client went away) or failed (an error
-    status or a streamed error), before the response's last bytes ([DONE], or the body) go out;
+    status or a streamed error), committed before the response's last bytes ([DONE], or the
+    body) go out;
   - puts Together's x-ratelimit-* / x-tokenlimit-* headers on every response to a keyed caller.
 It also serves GET /v1/usage (the caller's own usage by model and day) and answers RateLimited
 with 429. The routes report usage through herd.platform.meter.observe(out).
+
+Nothing here blocks the event loop: key lookups are answered from a few seconds' cache (a miss
+goes to a thread), and rate-limit decisions and ledger rows go through the platform's database
+worker, which batches the waiting work of many requests into one transaction.
 """
 
 from __future__ import annotations
@@ -21,14 +27,14 @@ import json
 import logging
 import time
 import uuid
-from typing import Any
+from dataclasses import replace
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from herd.platform.ledger import UsageRecord
 from herd.platform.meter import _current
-from herd.platform.ratelimit import Charge, RateLimited
+from herd.platform.ratelimit import Charge, RateLimited, Snapshot
 from herd.platform.service import AuthError, Caller, Platform
 from herd.server.signed_upload import is_signed_upload
 
@@ -66,13 +72,15 @@ def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str:
 
 
 class Meter:
-    """One metered HTTP request: its rate-limit charge, what the engine reported, its ledger row."""
+    """One metered HTTP request: its rate-limit charge, what the engine reported, its ledger row.
+    Its database work goes through the platform's worker (never on the event loop)."""
 
-    def __init__(self, platform: Platform, caller: Caller, charge: Charge | None, limits: tuple[int, int], *,
-                 model: str, path: str, retry_count: int):
+    def __init__(self, platform: Platform, caller: Caller, limits: tuple[int, int], *, model: str, path: str,
+                 retry_count: int):
         self.platform = platform
         self.caller = caller
-        self.charge = charge
+        self.charge: Charge | None = None  # set once admitted under the key's limits
+        self.snapshot: Snapshot | None = None  # the key's window after this request's decision
         self.limits = limits
         self.request_id = uuid.uuid4().hex
         self.model = model
@@ -86,8 +94,8 @@ class Meter:
         self.refused = False
         self.http_status: int | None = None
         self.stream_error: str | None = None
+        self.engine_done = False  # the whole body is ready: usage is final
         self.done = False
-        self._begin: asyncio.Future | None = None
 
     def _record(self, **kw) -> UsageRecord:
         return UsageRecord(
@@ -97,21 +105,33 @@ class Meter:
         )
 
     # -- called by the route (herd.platform.meter.reserve) --------------------------------------
-    def reserve(self, prompt_tokens: int, max_tokens: int | None, *, n: int = 1, images: int = 0) -> None:
-        tokens = self.platform.reservation(prompt_tokens, max_tokens, n)
-        if self.charge is not None:
-            rpm, tpm = self.limits
-            try:
-                self.platform.limiter.reserve(self.charge, tokens, rpm, tpm)
-            except RateLimited:
-                self.refused = True  # not admitted: no ledger row, no request counted
-                raise
+    async def reserve(self, prompt_tokens: int, max_tokens: int | None, *, n: int = 1, images: int = 0) -> None:
+        p = self.platform
+        tokens = p.reservation(prompt_tokens, max_tokens, n)
         self.reserved += tokens
         self.images += images
-        # The admission row: it makes the limiter right after a crash, and shows the request as
-        # aborted if the server dies under it. Written off the event loop; `finish` waits for it.
+        # The admission row: it shows the request as aborted if the server dies under it. It is
+        # written in the transaction that admits the request under the key's limits.
         record = self._record(prompt_tokens=prompt_tokens)
-        self._begin = asyncio.get_running_loop().run_in_executor(None, self.platform.ledger.begin, record)
+        key_id, (rpm, tpm) = self.caller.key_id, self.limits
+        if key_id is None or not (rpm or tpm) or self.charge is not None:
+            p.worker.post(lambda conn: p.ledger.begin_in(conn, record))
+            return
+
+        def admit_and_begin(conn):
+            admitted = p.limiter.admit_in(conn, key_id, tokens, rpm, tpm)  # RateLimited: nothing written
+            p.ledger.begin_in(conn, record)
+            return admitted
+
+        try:
+            self.charge, self.snapshot = await p.worker.submit(admit_and_begin)
+        except RateLimited as e:
+            self.refused = True  # not admitted: no ledger row, no request counted
+            self.snapshot = e.snapshot
+            raise
+        except Exception:
+            log.exception("rate limiter unavailable; request %s admitted without a check", self.request_id)
+            p.worker.post(lambda conn: p.ledger.begin_in(conn, record))
 
     # -- called by the middleware ----------------------------------------------------------------
     def status(self) -> str:
@@ -127,34 +147,40 @@ class Meter:
         outs = self.outputs.values()
         return sum(o[0] for o in outs), sum(o[1] for o in outs), sum(o[2] for o in outs)
 
-    def settle(self) -> None:
-        """Replaces the token reservation with real usage (the limiter does it once)."""
-        if self.charge is not None:
+    def headers(self) -> dict[str, str]:
+        """Together's rate-limit headers as of this request's last decision (settled to real
+        usage once the whole body is ready)."""
+        if self.snapshot is None:
+            return {}
+        if self.engine_done and self.charge is not None:
             prompt, completion, _ = self.usage()
-            self.platform.limiter.settle(self.charge, prompt + completion)
+            return self.snapshot.settled(self.charge.tokens, prompt + completion).headers()
+        return self.snapshot.headers()
 
     async def finish(self, status: str, error: str | None = None) -> None:
-        """Settles the rate-limit charge and completes the ledger row (once)."""
+        """Completes the ledger row and settles the rate-limit charge to real usage, in one
+        transaction that has committed when this returns (once)."""
         if self.done:
             return
         self.done = True
-        self.settle()
-        prompt, completion, cached = self.usage()
         if self.refused:
             return
+        p = self.platform
+        prompt, completion, cached = self.usage()
         record = self._record(
             status=status, latency_s=time.monotonic() - self.started, prompt_tokens=prompt, cached_tokens=cached,
             completion_tokens=completion, http_status=self.http_status,
             response_id=next(iter(self.outputs), None), error=error or self.stream_error,
         )
-        loop = asyncio.get_running_loop()
+        charge = self.charge
+
+        def settle_and_end(conn):
+            if charge is not None:
+                p.limiter.settle_in(conn, replace(charge), prompt + completion)  # a copy: this may run twice
+            return p.ledger.end_in(conn, record)
+
         try:
-            if self._begin is not None:
-                await self._begin
-        except Exception:
-            log.exception("could not record the admission of request %s", self.request_id)
-        try:
-            await loop.run_in_executor(None, self.platform.ledger.end, record)
+            await p.worker.submit(settle_and_end)
         except Exception:
             log.exception("could not write the usage record of request %s: %s", self.request_id, record)
 
@@ -174,44 +200,41 @@ class PlatformMiddleware:
         headers = scope.get("headers") or []
         auth = _header(headers, b"authorization")
         secret = auth[7:].strip() if auth[:7].lower() == "bearer " else _header(headers, b"x-api-key")
-        try:
-            caller = await asyncio.to_thread(p.authenticate, secret or None)
-        except AuthError as e:
-            return await _reply(send, 401, e.message, "invalid_request_error", "invalid_api_key",
+        caller = p.cached_caller(secret or None)  # a recent answer: no thread, no database
+        if caller is None:
+            try:
+                caller = await asyncio.to_thread(p.authenticate, secret or None)
+            except AuthError as e:
+                caller = e
+        if isinstance(caller, AuthError):
+            return await _reply(send, 401, caller.message, "invalid_request_error", "invalid_api_key",
                                 {"www-authenticate": "Bearer"})
         scope.setdefault("state", {})["herd_caller"] = caller
         limits = p.limits_for(caller)
         key_id = caller.key_id
-
-        def with_limit_headers(message):
-            if key_id is None:
-                return message
-            snap = p.limiter.snapshot(key_id, *limits)
-            extra = [(k.encode(), v.encode()) for k, v in snap.headers().items()]
-            names = {k for k, _ in extra}
-            kept = [h for h in message.get("headers", []) if h[0].lower() not in names]
-            return {**message, "headers": kept + extra}
+        limited = key_id is not None and any(limits)
 
         path = scope["path"]
         if scope["method"] != "POST" or not path.endswith(METERED_SUFFIXES):
             async def send_with_headers(message):
-                if message["type"] == "http.response.start":
-                    message = with_limit_headers(message)
+                if message["type"] == "http.response.start" and limited:
+                    try:
+                        snap = await p.worker.submit(lambda conn: p.limiter.snapshot_in(conn, key_id, *limits))
+                        message = _with_headers(message, snap.headers())
+                    except Exception:
+                        log.exception("could not read the rate-limit window of key %s", key_id)
                 await send(message)
 
             return await self.app(scope, receive, send_with_headers)
 
-        charge = None
-        if key_id is not None:
-            try:
-                charge, _ = p.limiter.take(key_id, *limits)
-            except RateLimited as e:
-                return await _reply(send, 429, e.message, "rate_limit_error", "rate_limit_exceeded", e.headers())
+        refusal = p.limiter.blocked(key_id) if limited else None
+        if refusal is not None:  # out of requests until a known time: refused before its body is read
+            return await _reply(send, 429, refusal.message, "rate_limit_error", "rate_limit_exceeded", refusal.headers())
         try:
             retries = min(max(int(_header(headers, b"x-stainless-retry-count") or 0), 0), 1_000_000)
         except ValueError:
             retries = 0
-        meter = Meter(p, caller, charge, limits, model=self.model, path=path, retry_count=retries)
+        meter = Meter(p, caller, limits, model=self.model, path=path, retry_count=retries)
         scope["state"]["herd_usage_id"] = meter.request_id
         token = _current.set(meter)
 
@@ -219,8 +242,8 @@ class PlatformMiddleware:
             if message["type"] == "http.response.start":
                 meter.http_status = message["status"]
                 if not _header(message.get("headers", []), b"content-type").startswith("text/event-stream"):
-                    meter.settle()  # a whole body is ready: the engine is done, so the headers show real usage
-                message = with_limit_headers(message)
+                    meter.engine_done = True  # a whole body is ready: the headers show real usage
+                message = _with_headers(message, meter.headers())
             elif message["type"] == "http.response.body" and not meter.done:
                 body = message.get("body", b"")
                 if body.startswith(b'data: {"error"'):
@@ -243,6 +266,15 @@ class PlatformMiddleware:
                 await meter.finish("aborted", "the client went away")
         finally:
             _current.reset(token)
+
+
+def _with_headers(message, extra: dict[str, str]):
+    if not extra:
+        return message
+    pairs = [(k.encode(), v.encode()) for k, v in extra.items()]
+    names = {k for k, _ in pairs}
+    kept = [h for h in message.get("headers", []) if h[0].lower() not in names]
+    return {**message, "headers": kept + pairs}
 
 
 def _stream_error(body: bytes) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Boolean, Column, Float, ForeignKey, Index, Integer, MetaData, String, Table, text
+from sqlalchemy import BigInteger, Boolean, Column, Float, ForeignKey, Index, Integer, MetaData, String, Table, text
 
 metadata = MetaData()
 
@@ -54,3 +54,14 @@ usage = Table(
 Index("ix_usage_key_created", usage.c.key_id, usage.c.created_at)
 Index("ix_usage_created", usage.c.created_at)
 Index("ix_usage_status", usage.c.status)
+
+# Per-key rate-limit counters (herd.platform.ratelimit): one row per key per bucket of the window
+# (1 s of a 60 s window), shared by every process that serves from this database.
+rate_windows = Table(
+    "rate_windows",
+    metadata,
+    Column("limit_key", String(100), primary_key=True),  # str(key id), or a pool's own name
+    Column("bucket", BigInteger, primary_key=True),  # floor(admission time / bucket seconds)
+    Column("requests", Integer, nullable=False),
+    Column("tokens", BigInteger, nullable=False),
+)

@@ -1,5 +1,10 @@
 """`Platform`: keys, limiter and ledger over one database, with the decisions a server makes per
-request (who is calling, may they, what did it cost). HTTP-free, so any front end can use it."""
+request (who is calling, may they, what did it cost). HTTP-free, so any front end can use it.
+
+Key lookups are cached for KEY_CACHE_SECONDS: a busy server looks each key up about once per
+that interval instead of once per request, and a key revoked from anywhere (`herd keys revoke`,
+another server) stops working within that time; one revoked through this Platform stops at once.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +14,15 @@ from dataclasses import dataclass
 
 from herd.platform.config import PlatformConfig, load_config
 from herd.platform.db import Database, redact
-from herd.platform.keys import ApiKey, KeyStore
+from herd.platform.keys import ApiKey, KeyStore, hash_secret
 from herd.platform.ledger import Ledger
 from herd.platform.ratelimit import RateLimiter
+from herd.platform.worker import DatabaseWorker
 
 log = logging.getLogger("herd.platform")
+
+KEY_CACHE_SECONDS = 2.0
+_KEY_CACHE_SIZE = 10_000  # entries (valid and invalid secrets); cleared when full
 
 
 @dataclass(frozen=True)
@@ -33,21 +42,22 @@ class AuthError(Exception):
 
 class Platform:
     def __init__(self, config: PlatformConfig | None = None, db: Database | None = None, *,
-                 require_api_key: bool | None = None, clock=time.time):
+                 require_api_key: bool | None = None, clock=time.time, key_cache_seconds: float = KEY_CACHE_SECONDS):
         self.config = config or load_config()
         self.db = db or Database(self.config.resolved_database_url())
         self.require_api_key = self.config.require_api_key if require_api_key is None else require_api_key
         self.clock = clock
         self.keys = KeyStore(self.db)
         self.ledger = Ledger(self.db, self.config)
-        self.limiter = RateLimiter(self.config.limits.window_seconds, clock)
+        self.limiter = RateLimiter(self.db, self.config.limits.window_seconds, clock)
+        self.worker = DatabaseWorker(self.db)  # the request path's database work, batched off the event loop
+        self.key_cache_seconds = key_cache_seconds
+        self._callers: dict[str, tuple[float, int, Caller | AuthError]] = {}
 
     def start(self) -> None:
-        """Call once before serving: closes rows a crash left running and rebuilds the rate
-        windows from the ledger."""
+        """Call once before serving: closes rows a crash left running (the rate windows live in
+        the database and need nothing)."""
         now = self.clock()
-        # Restored first: a request a crash cut off still counts with its whole reservation.
-        self.limiter.restore(self.ledger.recent_charges(now - self.limiter.window), now)
         recovered = self.ledger.recover(now)
         if recovered:
             log.warning("%d request(s) were in flight when the server last stopped; recorded as aborted", recovered)
@@ -63,8 +73,34 @@ class Platform:
                         "(`herd keys create --name NAME` closes it); usage ledger in %s", where)
 
     # -- per request --------------------------------------------------------------------------
+    def cached_caller(self, secret: str | None) -> Caller | AuthError | None:
+        """What `authenticate(secret)` answered less than key_cache_seconds ago (the caller, or
+        the AuthError to raise), or None when it must be asked again. Never touches the database."""
+        hit = self._callers.get(hash_secret(secret or ""))
+        if hit is None or hit[1] != self.keys.changes or time.monotonic() >= hit[0]:
+            return None
+        return hit[2]
+
     def authenticate(self, secret: str | None) -> Caller:
-        """The caller of a request with this bearer secret, or AuthError (-> 401)."""
+        """The caller of a request with this bearer secret, or AuthError (-> 401). Looks the key
+        up in the database, and caches the answer for `cached_caller`."""
+        changes = self.keys.changes
+        try:
+            caller = self._authenticate(secret)
+        except AuthError as e:
+            self._remember(secret, changes, e)
+            raise
+        self._remember(secret, changes, caller)
+        return caller
+
+    def _remember(self, secret: str | None, changes: int, outcome: Caller | AuthError) -> None:
+        if self.key_cache_seconds <= 0:
+            return
+        if len(self._callers) >= _KEY_CACHE_SIZE:
+            self._callers.clear()
+        self._callers[hash_secret(secret or "")] = (time.monotonic() + self.key_cache_seconds, changes, outcome)
+
+    def _authenticate(self, secret: str | None) -> Caller:
         if secret:
             key = self.keys.authenticate(secret)
             if key is not None:
@@ -92,4 +128,5 @@ class Platform:
         return max(prompt_tokens, 0) + max(n, 1) * completion
 
     def close(self) -> None:
+        self.worker.close()
         self.db.close()

@@ -18,7 +18,7 @@ from herd.platform.batch_config import BatchConfig
 from herd.platform.batches import BatchRecord, BatchStore
 from herd.platform.files import FileStore
 from herd.platform.ledger import UsageRecord
-from herd.platform.ratelimit import RateLimited, RateLimiter
+from herd.platform.ratelimit import RateLimited
 from herd.server.batch_lines import Line, output_line, read_lines, run_line, usage_of
 
 log = logging.getLogger("herd.batch")
@@ -36,7 +36,7 @@ class BatchRunner:
         self.store = store
         self.config = config
         self.slots = asyncio.Semaphore(config.max_in_flight)  # lines in the engine, all batches
-        self.pool = RateLimiter(platform.config.limits.window_seconds, platform.clock)  # batch's own pool
+        self.pool = platform.limiter  # in the database, like interactive limits; batch lines count under their own key
         self.tasks: dict[str, asyncio.Task] = {}
         self.cancels: dict[str, asyncio.Event] = {}
         self._wake = asyncio.Event()
@@ -180,7 +180,8 @@ class BatchRunner:
             return None
         while True:
             try:
-                charge, _ = self.pool.take(b.key_id, rpm, tpm)
+                pool_key = f"batch:{b.key_id}"  # the key's batch pool, apart from its interactive window
+                charge, _ = await self.platform.worker.submit(lambda conn: self.pool.admit_in(conn, pool_key, 0, rpm, tpm))
                 return charge
             except RateLimited as e:
                 try:
@@ -199,7 +200,7 @@ class BatchRunner:
             await asyncio.sleep(RETRY_SECONDS)
         prompt, completion, cached = usage_of(body) if status == 200 else (0, 0, 0)
         if charge is not None:
-            self.pool.settle(charge, prompt + completion)
+            self.platform.worker.post(lambda conn: self.pool.settle_in(conn, charge, prompt + completion))
         request_id = f"{b.id}-{line.number}"
         price = self.platform.config.price_for(self.st.model_name)
         discount = self.config.discount

@@ -1,4 +1,4 @@
-"""The per-request decisions (auth, limits, reservation), and the limiter surviving a restart."""
+"""The per-request decisions (auth and its cache, limits, reservation), and limits surviving a restart."""
 
 import pytest
 
@@ -64,8 +64,7 @@ def test_limits_survive_a_restart(db):
     rpm, tpm = p.limits_for(caller)
     # Two requests end normally, one is in flight when the server dies.
     for i, (used, done) in enumerate([(100, True), (200, True), (None, False)]):
-        charge, _ = p.limiter.take(key.id, rpm, tpm)
-        p.limiter.reserve(charge, 300, rpm, tpm)
+        charge, _ = p.limiter.admit(key.id, 300, rpm, tpm)
         p.ledger.begin(UsageRecord(f"r{i}", "m", key.id, created_at=clock.t, prompt_tokens=50, reserved_tokens=300))
         if done:
             p.limiter.settle(charge, used)
@@ -82,6 +81,6 @@ def test_limits_survive_a_restart(db):
     after = restarted.limiter.snapshot(key.id, rpm, tpm)
     assert (after.requests_remaining, after.tokens_remaining) == (0, 400)
     with pytest.raises(RateLimited):
-        restarted.limiter.take(key.id, rpm, tpm)
+        restarted.limiter.admit(key.id, 1, rpm, tpm)
     clock.t += 60
     assert restarted.limiter.snapshot(key.id, rpm, tpm).requests_remaining == 3

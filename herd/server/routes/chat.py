@@ -86,7 +86,7 @@ async def prepare_chat(st: ServerState, req: ChatCompletionRequest, *, priority:
     if priority != params.priority:
         params = dataclasses.replace(params, priority=priority)
     st.check_prompt(prompt_ids, params, "messages")
-    reserve(len(prompt_ids), overrides.get("max_tokens"), n=params.n, images=count_images(messages))  # 429 over TPM
+    await reserve(len(prompt_ids), overrides.get("max_tokens"), n=params.n, images=count_images(messages))  # 429 over TPM
     ticket = st.admit(params.n, "n") if admit else None  # each of the n samples is a sequence in the engine
     chat = _Chat(st, req, params, prompt_ids, new_id("chatcmpl"), int(time.time()), images, names, clean)
     return chat, ticket

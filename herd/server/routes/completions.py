@@ -65,7 +65,7 @@ async def prepare_completion(st: ServerState, req: CompletionRequest, *, priorit
             params = dataclasses.replace(params, priority=priority)
         st.check_prompt(ids, params, param)
         jobs.append((ids, params, text))
-    reserve(sum(len(ids) for ids, _, _ in jobs), overrides.get("max_tokens"), n=sum(p.n for _, p, _ in jobs))
+    await reserve(sum(len(ids) for ids, _, _ in jobs), overrides.get("max_tokens"), n=sum(p.n for _, p, _ in jobs))
     ticket = st.admit(sum(p.n for _, p, _ in jobs), "prompt" if len(jobs) > 1 else "n") if admit else None  # sequences, not prompts
     return _Completion(st, req, jobs, new_id("cmpl"), int(time.time())), ticket
 
