@@ -1,15 +1,15 @@
 """Rate-limit windows in the database, so every process of a herd (and every herd on one
 PostgreSQL) spends one budget per key.
 
-Revision ID: 0003
-Revises: 0002
+Revision ID: 0003_rate_windows
+Revises: 0002_files_batches
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0003"
-down_revision = "0002"
+revision = "0003_rate_windows"
+down_revision = "0002_files_batches"
 branch_labels = None
 depends_on = None
 
