@@ -14,6 +14,7 @@ from herd.platform.config import PlatformConfig
 from herd.platform.files import FileError, FileStore
 from herd.platform.keys import KeyStore
 from herd.platform.ledger import Ledger, UsageRecord
+from herd.platform.ratelimit import RateLimiter
 
 
 def _row(request_id, key_id, batch, **kw):
@@ -48,7 +49,11 @@ def test_batch_rows_have_their_own_pool_and_show_apart(db):
 
         conn.execute(usage.insert().values(**_row("online", key.id, False)))
         conn.execute(usage.insert().values(**_row("batchline", key.id, True)))
-    assert [c[0] for c in ledger.recent_charges(time.time() - 60)] == [key.id]  # only the online one
+    # The rate windows never read the ledger: batch lines count in the key's batch pool only.
+    limiter = RateLimiter(db)
+    limiter.admit(f"batch:{key.id}", 15, rpm=5, tpm=0)
+    assert limiter.snapshot(key.id, 5, 0).requests_remaining == 5
+    assert limiter.snapshot(f"batch:{key.id}", 5, 0).requests_remaining == 4
     (summary,) = ledger.summary(by=("key",))
     assert (summary["requests"], summary["batch_requests"], summary["batch_tokens"]) == (2, 1, 15)
     assert summary["batch_cost_usd"] == pytest.approx(1.0)
