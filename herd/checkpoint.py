@@ -206,14 +206,21 @@ def build_text_model(
     dtype: torch.dtype,
     device: torch.device | str = "cpu",
     fp8_modules: set[str] | None = None,
+    parallel=None,
 ) -> Llama4TextModel:
     """An uninitialised model: parameters are allocated but hold garbage until loaded.
 
     `fp8_modules` (herd module names) become FP8 modules before anything is allocated, so their
-    weights take 1 byte each from the start.
+    weights take 1 byte each from the start. `parallel` (a herd.parallel.Rank) builds this
+    rank's shard of the model instead of the whole.
     """
     with torch.device("meta"):
-        model = Llama4TextModel(config.text).to(dtype)
+        if parallel is None:
+            model = Llama4TextModel(config.text).to(dtype)
+        else:
+            from herd.parallel.layers import ShardedLlama4TextModel
+
+            model = ShardedLlama4TextModel(config.text, parallel.shard, parallel.group).to(dtype)
     if fp8_modules:
         convert_to_fp8(model, fp8_modules, fp8_backend(device))
     return model.to_empty(device=device)
@@ -225,8 +232,9 @@ def load_text_model(
     dtype: torch.dtype,
     device: torch.device | str = "cpu",
     quantization: str | FP8Policy | None = None,
+    parallel=None,
 ) -> Llama4TextModel:
-    """Builds and loads the text model. `quantization` ("fp8": Meta's policy, routed experts
+    """Builds and loads the text model (`parallel`: only this rank's shard, see herd.parallel). `quantization` ("fp8": Meta's policy, routed experts
     only; "fp8-all": every Linear but router and lm_head; or an FP8Policy) quantizes a bf16
     checkpoint while loading; an FP8 checkpoint keeps its own choice of FP8 modules."""
     policy = resolve_policy(quantization)
@@ -241,8 +249,15 @@ def load_text_model(
             fp8 = policy_modules(Llama4TextModel(config.text), policy)
     else:
         fp8 = set()
-    model = build_text_model(config, dtype, device, fp8)
-    load_text_weights(model, model_dir, files)
+    model = build_text_model(config, dtype, device, fp8, parallel)
+    plan = None
+    if parallel is not None:
+        from herd.parallel.loading import ShardPlan
+
+        plan = ShardPlan(config.text, parallel.shard)
+    load_text_weights(model, model_dir, files, plan)
+    if parallel is not None:
+        model.after_load()
     if fp8 and torch.device(device).type == "cuda":
         grouped = probe_grouped(torch.device(device)) if fp8_backend(device) == "scaled_mm" else False
         for m in model.modules():
@@ -274,7 +289,11 @@ def _expected_keys(model: Llama4TextModel) -> set[str]:
 
 
 @torch.no_grad()
-def load_text_weights(model: Llama4TextModel, model_dir: str | Path, files: dict[str, Path] | None = None) -> None:
+def load_text_weights(
+    model: Llama4TextModel, model_dir: str | Path, files: dict[str, Path] | None = None, plan=None
+) -> None:
+    """Fills the model from the checkpoint; with a herd.parallel ShardPlan, only the rows and
+    experts this rank holds are read."""
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
     expected = _expected_keys(model)
@@ -293,7 +312,13 @@ def load_text_weights(model: Llama4TextModel, model_dir: str | Path, files: dict
             name = text_name(ckpt_name)
             if name is None:
                 continue  # vision tower / projector: loaded by the vision model
-            loaded |= _assign(params, modules, name, _Reader(handle, ckpt_name, file))
+            reader = _Reader(handle, ckpt_name, file)
+            if plan is not None:
+                local = plan.local_name(name)
+                if local is None:
+                    continue  # an expert another rank holds
+                name, reader = local, plan.reader(handle, ckpt_name, file, name)
+            loaded |= _assign(params, modules, name, reader)
 
     missing = expected - loaded
     if model.lm_head is not None and "lm_head.weight" in missing and model.config.tie_word_embeddings:

@@ -120,7 +120,11 @@ class _Group:
 class Engine:
     """Owns the model, the KV cache and the scheduler; `step()` advances every request once."""
 
-    def __init__(self, model_dir: Path, config: ModelConfig, tokenizer: Tokenizer, model, device, dtype, options):
+    def __init__(
+        self, model_dir: Path, config: ModelConfig, tokenizer: Tokenizer, model, device, dtype, options, executor=None
+    ):
+        """`executor(model, cache, device)` makes what runs each step (default: a Runner on one
+        device; herd.parallel's executor drives N ranks with the same surface)."""
         self.model_dir = model_dir
         self.config = config
         self.tokenizer = tokenizer
@@ -134,21 +138,23 @@ class Engine:
             # Subnormal floats (common in random-weight models) make CPU matmuls 100x slower.
             torch.set_flush_denormal(True)
         bs = options.block_size
-        global_blocks = -(-self._kv_cache_tokens(text, dtype, device) // bs)
+        # The cache holds this device's KV heads: model.config is the rank's local config.
+        kv_config = getattr(model, "config", text)
+        global_blocks = -(-self._kv_cache_tokens(kv_config, dtype, device) // bs)
         chunked_blocks = global_blocks
         if text.attention_chunk_size is not None:
             # A chunked layer holds at most the current chunk plus one step's tokens per sequence.
             per_seq = text.attention_chunk_size // bs + 2
             chunked_blocks = min(global_blocks, options.max_num_seqs * per_seq + options.max_num_batched_tokens // bs)
         self.cache = KVCache(
-            text, {GLOBAL: global_blocks, CHUNKED: chunked_blocks}, bs, dtype, device, options.kv_cache_dtype
+            kv_config, {GLOBAL: global_blocks, CHUNKED: chunked_blocks}, bs, dtype, device, options.kv_cache_dtype
         )
         self.blocks = KVBlockManager(self.cache, text.attention_chunk_size, options.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, options.max_num_seqs, options.max_num_batched_tokens)
         self.eos_ids = set(tokenizer.eos_token_ids) | set(text.eos_token_id)
         # Structured outputs: the vocabulary is prepared on first use, grammars compile off the loop.
         self.grammars = GrammarManager(tokenizer, text.vocab_size, self.eos_ids)
-        self.runner = Runner(model, self.cache, device, grammars=self.grammars)
+        self.runner = (executor or Runner)(model, self.cache, device, grammars=self.grammars)
         self._groups: dict[str, _Group] = {}
         self._group_of: dict[str, _Group] = {}  # sequence request id -> its group
         self._ids = itertools.count()
@@ -253,6 +259,12 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
+    def close(self) -> None:
+        """Stops the worker ranks of a parallel model (nothing to do on one device)."""
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
+
     def active_request_ids(self) -> list[str]:
         return list(self._groups)
 
@@ -350,6 +362,17 @@ def _load_engine(model, dtype, device, engine_options) -> Engine:
     check_quantization(config, quantization)
     torch_dtype = resolve_dtype(dtype, config, device)
     tokenizer = Tokenizer.from_dir(model_dir)
+    if options.tensor_parallel_size > 1:
+        from herd.parallel.executor import start_parallel
+
+        text_model, vision, executor = start_parallel(model_dir, config, torch_dtype, device, quantization, options)
+        try:
+            engine = Engine(model_dir, config, tokenizer, text_model, device, torch_dtype, options, executor)
+        except BaseException:
+            executor.abort()
+            raise
+        engine.runner.vision_model = vision
+        return engine
     text_model = load_text_model(model_dir, config, torch_dtype, device, quantization)
     engine = Engine(model_dir, config, tokenizer, text_model, device, torch_dtype, options)
     if config.is_multimodal and config.vision is not None:
@@ -382,6 +405,16 @@ class LLM:
         self.tokenizer = self.engine.tokenizer
         self.device = self.engine.device
         self.model = self.engine.runner.model
+
+    def close(self) -> None:
+        """Stops the worker processes of a tensor-parallel engine (a no-op on one device)."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def generate(
         self,
@@ -503,6 +536,7 @@ class AsyncEngine:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        self.engine.close()
 
     @property
     def is_running(self) -> bool:

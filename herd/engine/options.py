@@ -30,6 +30,8 @@ class EngineOptions:
     enable_prefix_caching: bool = True
     gpu_memory_utilization: float = 0.9  # on CUDA, the share of free memory the KV cache may take
     kv_cache_dtype: str = "auto"  # "fp8": K/V in E4M3 with per-token scales, about half the bytes
+    tensor_parallel_size: int = 1  # ranks (devices) one model is split over; see herd.parallel
+    enable_expert_parallel: bool = False  # routed experts whole on each rank instead of sliced
 
 
 def engine_options_from(kwargs: dict[str, Any]) -> EngineOptions:
@@ -86,6 +88,10 @@ def resolve_engine_options(options: EngineOptions, config: ModelConfig) -> Engin
         raise ValueError(f"unsupported kv_cache_dtype {options.kv_cache_dtype!r}: use one of {KV_CACHE_DTYPES}")
     if options.kv_cache_tokens is not None and options.kv_cache_tokens < block_size:
         raise ValueError(f"kv_cache_tokens {options.kv_cache_tokens} is less than one block ({block_size} tokens)")
+    if options.tensor_parallel_size != 1 or options.enable_expert_parallel:
+        from herd.parallel.sizes import check_size
+
+        check_size(text, options.tensor_parallel_size, options.enable_expert_parallel)
     if not 0 < options.gpu_memory_utilization <= 1:
         raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {options.gpu_memory_utilization}")
     return dataclasses.replace(options, block_size=block_size)

@@ -1,0 +1,93 @@
+"""The process groups of one model's ranks, and the few collectives the sharded model needs.
+
+Two groups over the same ranks: the default group carries tensors (NCCL on GPUs, gloo on
+CPUs) with a bounded timeout, so a rank that hangs mid-step ends the others with an error;
+a gloo "control" group carries each step's input from rank 0 to the workers, with a long
+timeout, because a worker legitimately waits there for as long as the server is idle.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import pickle
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from herd.parallel.sizes import Shard
+
+# How long a collective may wait for a peer mid-step before the step fails (seconds).
+STEP_TIMEOUT_S = float(os.environ.get("HERD_COLLECTIVE_TIMEOUT", "120"))
+IDLE_TIMEOUT = datetime.timedelta(days=7)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the ranks of one model meet (torch.distributed's TCP rendezvous)."""
+
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+    @property
+    def url(self) -> str:
+        return f"tcp://{self.master_addr}:{self.master_port}"
+
+
+class Group:
+    """This process's rank in the model's process groups."""
+
+    def __init__(self, rank: int, size: int, device: torch.device, endpoint: Endpoint):
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(
+            backend,
+            init_method=endpoint.url,
+            rank=rank,
+            world_size=size,
+            timeout=datetime.timedelta(seconds=STEP_TIMEOUT_S),
+        )
+        self.rank = rank
+        self.size = size
+        self.device = device
+        self.control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+
+    # -- tensors (every rank calls these in the same order) --------------------------------
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(x)
+        return x
+
+    def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., n] on each rank -> [..., size * n], rank order."""
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=-1)
+
+    # -- objects from rank 0 (the step's input: one message per step) --------------------------
+    def broadcast_object(self, obj=None):
+        """Rank 0 passes the object, the others receive it. One pickle, two collectives (the
+        length, then the bytes); tensors inside travel pickled, on the CPU."""
+        if self.rank == 0:
+            data = torch.frombuffer(bytearray(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)), dtype=torch.uint8)
+            length = torch.tensor([data.numel()], dtype=torch.long)
+        else:
+            length = torch.zeros(1, dtype=torch.long)
+        dist.broadcast(length, src=0, group=self.control)
+        if self.rank != 0:
+            data = torch.empty(int(length.item()), dtype=torch.uint8)
+        dist.broadcast(data, src=0, group=self.control)
+        return obj if self.rank == 0 else pickle.loads(data.numpy().tobytes())
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@dataclass(frozen=True)
+class Rank:
+    """What a model builder needs to know about its place in the group."""
+
+    shard: Shard
+    group: Group

@@ -1,0 +1,133 @@
+"""Rank 0 of a tensor-parallel model: starts the worker ranks, then, every step, broadcasts the
+scheduled batch to them and runs its own shard.
+
+Rank 0 lives in the engine process (not in a worker of its own): one process fewer per model,
+and the step input crosses no extra process boundary before it is broadcast. The executor has
+the Runner's surface (`execute(batch)`, `model`, `vision_model`), so the engine does not know
+whether it drives one device or N.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import pickle
+import socket
+import subprocess
+import sys
+
+import torch
+
+from herd.engine.kv_cache import KVCache
+from herd.engine.runner import Runner, ScheduledSeq
+from herd.parallel.comm import Endpoint, Group, Rank
+from herd.parallel.sizes import Shard, check_size
+from herd.parallel.step import CacheSpec, to_message
+from herd.parallel.worker import SPEC_ENV, WorkerSpec, load_rank
+
+log = logging.getLogger("herd.parallel")
+
+JOIN_TIMEOUT_S = 10.0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class ParallelExecutor(Runner):
+    """Runner of rank 0: the same `execute(batch)`, run by every rank at once."""
+
+    def __init__(self, model, cache: KVCache, device: torch.device, group: Group, workers: list, grammars=None):
+        super().__init__(model, cache, device, grammars=grammars)
+        self.group = group
+        self.workers = workers
+        self.closed = False
+        group.broadcast_object(CacheSpec(num_blocks={g: p.num_blocks for g, p in cache.pools.items()},
+                                         block_size=cache.block_size, kv_dtype=cache.kv_dtype))
+
+    def execute(self, batch: list[ScheduledSeq]):
+        if self.closed:
+            raise RuntimeError("the tensor-parallel workers have stopped")
+        self.group.broadcast_object(to_message(batch))
+        return super().execute(batch)
+
+    def close(self) -> None:
+        """Tells the workers to stop, waits for them, and leaves the process group."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.group.broadcast_object(None)
+        except Exception as e:  # a worker is gone already: the others end on their own
+            log.warning("could not tell the workers to stop: %s", e)
+        stop_workers(self.workers)
+        self.group.close()
+
+
+def stop_workers(workers: list[subprocess.Popen]) -> None:
+    for p in workers:
+        try:
+            p.wait(JOIN_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(JOIN_TIMEOUT_S)
+
+
+def start_workers(spec: WorkerSpec, ranks: range) -> list[subprocess.Popen]:
+    """One process per local worker rank, a fresh interpreter running herd.parallel.worker
+    (not multiprocessing: that would re-run the caller's script in each worker, and a fork
+    would copy the engine process's threads and CUDA state)."""
+    encoded = base64.b64encode(pickle.dumps(spec)).decode()
+    workers = []
+    for rank in ranks:
+        cmd = [sys.executable, "-m", "herd.parallel.worker", "--rank", str(rank), "--local-rank", str(rank),
+               "--parent-pid", str(os.getpid())]
+        workers.append(subprocess.Popen(cmd, env={**os.environ, SPEC_ENV: encoded}))
+    return workers
+
+
+def start_parallel(model_dir, config, dtype: torch.dtype, device: torch.device, quantization, options):
+    """Checks the size, starts ranks 1..N-1, joins as rank 0 and loads rank 0's shard.
+
+    Returns (rank 0's text model, vision model or None, a factory that makes the executor once
+    the engine has sized the KV cache).
+    """
+    size = options.tensor_parallel_size
+    expert_parallel = options.enable_expert_parallel
+    check_size(config.text, size, expert_parallel)
+    if device.type == "cuda" and torch.cuda.device_count() < size:
+        raise ValueError(
+            f"tensor_parallel_size {size} needs {size} GPUs; this machine has {torch.cuda.device_count()}"
+        )
+    endpoint = Endpoint("127.0.0.1", free_port())
+    threads = max(1, (os.cpu_count() or 1) // size) if device.type == "cpu" else None
+    spec = WorkerSpec(str(model_dir), dtype, device.type, size, expert_parallel, endpoint, quantization, threads)
+    workers = start_workers(spec, range(1, size))
+    try:
+        group, model, vision, _ = load_rank(spec, 0, 0)
+    except BaseException:
+        stop_workers(workers)
+        raise
+
+    return model, vision, ExecutorFactory(group, workers)
+
+
+class ExecutorFactory:
+    """Makes rank 0's executor once the engine has sized the KV cache (the workers wait for
+    that size), or ends the workers if the engine could not be built."""
+
+    def __init__(self, group: Group, workers: list):
+        self.group = group
+        self.workers = workers
+
+    def __call__(self, model, cache: KVCache, device: torch.device, grammars=None) -> ParallelExecutor:
+        return ParallelExecutor(model, cache, device, self.group, self.workers, grammars)
+
+    def abort(self) -> None:
+        for p in self.workers:
+            p.kill()
+        stop_workers(self.workers)
+        self.group.close()
