@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 
@@ -46,6 +47,10 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", default=None, choices=["fp8", "fp8-all"],
                    help="quantize a bf16 checkpoint to FP8 while loading (fp8: routed experts, as Meta's "
                         "release; fp8-all: every linear layer but router and lm_head). FP8 checkpoints need none")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="split the model over this many devices (GPUs, or CPU processes), one worker process each")
+    p.add_argument("--enable-expert-parallel", action="store_true",
+                   help="with --tensor-parallel-size: each device holds whole routed experts instead of a slice of every one")
     p.add_argument("--chat-template", default=None, help="a jinja chat template file (default: the checkpoint's)")
     p.add_argument("--limit-mm-per-prompt", default=None, help='e.g. \'{"image": 5}\'')
     p.add_argument("--allow-private-image-urls", action="store_true",
@@ -228,7 +233,12 @@ def cmd_serve(args) -> int:
         gpu_memory_utilization=args.gpu_memory_utilization,
         kv_cache_dtype=args.kv_cache_dtype,
         quantization=args.quantization,
+        tensor_parallel_size=args.tensor_parallel_size,
+        enable_expert_parallel=args.enable_expert_parallel,
     )
+    # A dead engine (a tensor-parallel rank failed) ends the server: the streams in flight have
+    # their error events, then uvicorn shuts down and `herd serve` exits non-zero.
+    engine.on_failure = lambda error: os.kill(os.getpid(), signal.SIGTERM)
     names = args.served_model_name or [served_name(model, model_dir)]  # a Hub model is served by its id
     price_input, price_output = args.price_input, args.price_output
     if platform is not None and not (price_input or price_output):
@@ -254,6 +264,9 @@ def cmd_serve(args) -> int:
     # --shutdown-timeout seconds, cancels the rest (aborting them in the engine), then the app
     # shuts the engine down.
     _run_gracefully(config)
+    if engine.error is not None:
+        print(f"herd serve: the engine failed: {engine.error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -259,6 +259,12 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
+    def check_alive(self) -> None:
+        """Raises if a worker rank of a parallel model has died (nothing to do on one device)."""
+        check = getattr(self.runner, "check", None)
+        if check is not None:
+            check()
+
     def close(self) -> None:
         """Stops the worker ranks of a parallel model (nothing to do on one device)."""
         close = getattr(self.runner, "close", None)
@@ -515,6 +521,9 @@ class AsyncEngine:
         self._stopping = threading.Event()
         self._stats = engine.stats()
         self.error: BaseException | None = None
+        # Called (from the loop thread) when the engine dies, e.g. a tensor-parallel rank failed;
+        # `herd serve` sets it to shut the server down with a non-zero status.
+        self.on_failure = None
 
     @classmethod
     def from_pretrained(
@@ -621,10 +630,13 @@ class AsyncEngine:
                         self._handle(command, payload)
                 except queue.Empty:
                     pass
+                self.engine.check_alive()
                 if self.engine.has_unfinished():
                     try:
                         outputs = self.engine.step()
                     except Exception as e:
+                        if getattr(e, "fatal", False):
+                            raise  # the engine cannot go on: fail everything below
                         # A failed step (e.g. out of memory on a huge batch) fails the requests in
                         # flight, frees their blocks, and the loop goes on serving new ones.
                         log.exception("engine step failed; aborting the requests in flight")
@@ -639,4 +651,6 @@ class AsyncEngine:
             self.error = e
             for request_id in list(self._streams):
                 self._deliver(request_id, RuntimeError(f"engine failure: {e}"))
+            if self.on_failure is not None:
+                self.on_failure(e)
             raise

@@ -37,6 +37,13 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+class RankFailure(RuntimeError):
+    """A rank died, hung past the collective timeout, or failed mid-step: the ranks are out of
+    step with each other, so the engine cannot go on (unlike a failed single-device step)."""
+
+    fatal = True
+
+
 class ParallelExecutor(Runner):
     """Runner of rank 0: the same `execute(batch)`, run by every rank at once."""
 
@@ -45,24 +52,48 @@ class ParallelExecutor(Runner):
         self.group = group
         self.workers = workers
         self.closed = False
+        self.failure: RankFailure | None = None
         group.broadcast_object(CacheSpec(num_blocks={g: p.num_blocks for g, p in cache.pools.items()},
                                          block_size=cache.block_size, kv_dtype=cache.kv_dtype))
 
     def execute(self, batch: list[ScheduledSeq]):
-        if self.closed:
-            raise RuntimeError("the tensor-parallel workers have stopped")
-        self.group.broadcast_object(to_message(batch))
-        return super().execute(batch)
+        self.check()
+        try:
+            self.group.broadcast_object(to_message(batch))
+            return super().execute(batch)
+        except Exception as e:
+            self.failure = RankFailure(f"tensor-parallel step failed ({self._workers_state()}): {e}")
+            raise self.failure from e
+
+    def check(self) -> None:
+        """Raises RankFailure if the group is broken or a worker process has exited."""
+        if self.failure is None:
+            dead = [i + 1 for i, p in enumerate(self.workers) if p.poll() is not None]
+            if dead:
+                self.failure = RankFailure(f"tensor-parallel rank(s) {dead} exited ({self._workers_state()})")
+            elif self.closed:
+                self.failure = RankFailure("the tensor-parallel workers were stopped")
+        if self.failure is not None:
+            raise self.failure
+
+    def _workers_state(self) -> str:
+        codes = [p.poll() for p in self.workers]
+        return ", ".join(f"rank {i + 1}: " + ("running" if c is None else f"exit code {c}") for i, c in enumerate(codes))
 
     def close(self) -> None:
         """Tells the workers to stop, waits for them, and leaves the process group."""
         if self.closed:
             return
         self.closed = True
-        try:
-            self.group.broadcast_object(None)
-        except Exception as e:  # a worker is gone already: the others end on their own
-            log.warning("could not tell the workers to stop: %s", e)
+        if self.failure is None:
+            try:
+                self.group.broadcast_object(None)
+            except Exception as e:  # a worker is gone already
+                log.warning("could not tell the workers to stop: %s", e)
+                self.failure = RankFailure(str(e))
+        if self.failure is not None:  # the survivors may sit in a collective: end them now
+            for p in self.workers:
+                p.kill()
         stop_workers(self.workers)
         self.group.close()
 
