@@ -366,6 +366,10 @@ def _load_engine(model, dtype, device, engine_options) -> Engine:
     # Everything that can be checked from the config is, before the weights are read.
     options = resolve_engine_options(options, config)
     check_quantization(config, quantization)
+    if config.is_multimodal and config.vision is not None:
+        from herd.model.vision import VisionConfig
+
+        VisionConfig.from_model_config(config, model_dir)  # the saved image-processor settings
     torch_dtype = resolve_dtype(dtype, config, device)
     tokenizer = Tokenizer.from_dir(model_dir)
     if options.tensor_parallel_size > 1:
@@ -474,6 +478,7 @@ class LLM:
                 self.config,
                 conversation,
                 options=options,
+                model_dir=self.model_dir,  # the checkpoint's image-processor settings
                 tools=tools,
                 add_generation_prompt=add_generation_prompt and not continue_final_message,
                 continue_final_message=continue_final_message,

@@ -17,7 +17,7 @@ Llama4MultiModalProjector) and checked against it in tests/vision/.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,7 +62,7 @@ class VisionConfig:
     projector_output_dim: int = 4096  # adapter fc2 output
     vision_output_dim: int = 4096  # multi_modal_projector input
     text_hidden_size: int = 5120  # multi_modal_projector output
-    # From preprocessor_config.json when the checkpoint has one.
+    # From the saved image processor settings when the checkpoint has them (herd/processor_config.py).
     image_mean: tuple[float, float, float] = DEFAULT_IMAGE_MEAN
     image_std: tuple[float, float, float] = DEFAULT_IMAGE_STD
     max_tiles: int = DEFAULT_MAX_TILES
@@ -144,46 +144,27 @@ class VisionConfig:
         if vision.get("hidden_act", "gelu") != "gelu":
             raise ConfigError(f"unsupported vision hidden_act {vision['hidden_act']!r} (Llama 4 uses gelu)")
         if preprocessor:
-            kwargs.update(_preprocessor_fields(preprocessor, kwargs["image_size"]))
+            from herd.processor_config import PREPROCESSOR_FILE, image_settings
+
+            kwargs.update(image_settings(preprocessor, PREPROCESSOR_FILE, kwargs["image_size"]))
         return cls(**kwargs)
 
     @classmethod
     def from_model_config(cls, model_config: ModelConfig, model_dir: str | Path | None = None) -> VisionConfig:
-        """The vision config of a multimodal checkpoint; with `model_dir`, also its preprocessor_config.json."""
+        """The vision config of a multimodal checkpoint; with `model_dir`, also its saved image
+        processor settings (processor_config.json or preprocessor_config.json, as transformers reads them)."""
         if not model_config.vision:
             raise ConfigError("the checkpoint has no vision_config: it cannot take images")
-        preprocessor = None
-        if model_dir is not None:
-            path = Path(model_dir) / "preprocessor_config.json"
-            if path.is_file():
-                try:
-                    preprocessor = json.loads(path.read_text())
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"{path} is not valid JSON: {e}") from None
-        return cls.from_dict(model_config.vision, model_config.text.hidden_size, preprocessor)
+        cfg = cls.from_dict(model_config.vision, model_config.text.hidden_size)
+        if model_dir is None:
+            return cfg
+        from herd.processor_config import check_processor_settings, image_settings, read_processor_configs
 
-
-def _preprocessor_fields(pre: dict[str, Any], image_size: int) -> dict[str, Any]:
-    """What herd takes from a Llama4ImageProcessor preprocessor_config.json."""
-    out: dict[str, Any] = {}
-    for key in ("image_mean", "image_std"):
-        if pre.get(key) is not None:
-            value = pre[key]
-            value = [value] * 3 if isinstance(value, (int, float)) else list(value)
-            if len(value) != 3:
-                raise ConfigError(f"preprocessor_config.json {key} must have 3 values, got {value}")
-            out[key] = tuple(float(v) for v in value)
-    if pre.get("max_patches") is not None:
-        out["max_tiles"] = int(pre["max_patches"])
-    size = pre.get("size")
-    if isinstance(size, dict) and size.get("height") is not None:
-        if int(size["height"]) != image_size or int(size.get("width", size["height"])) != image_size:
-            raise ConfigError(
-                f"preprocessor_config.json size {size} does not match the vision tower's image_size {image_size}"
-            )
-    if pre.get("do_normalize") is False or pre.get("do_rescale") is False:
-        raise ConfigError("preprocessor_config.json turns off rescaling/normalisation: herd does not support that")
-    return out
+        settings, source, processor = read_processor_configs(model_dir)
+        check_processor_settings(processor, patch_size=cfg.patch_size, pixel_shuffle_ratio=cfg.pixel_shuffle_ratio)
+        if settings:
+            cfg = dataclasses.replace(cfg, **image_settings(settings, source, cfg.image_size))
+        return cfg
 
 
 def vision_rope_cos_sin(cfg: VisionConfig) -> tuple[torch.Tensor, torch.Tensor]:
