@@ -379,8 +379,23 @@ def _lazy(module: str):
     return importlib.import_module(module)
 
 
+def _show_herd_logs() -> None:
+    """herd's own start-up messages (model served, block size chosen, FP8 layout) on stderr, in
+    uvicorn's style; without a handler Python would drop everything below a warning."""
+    import logging
+
+    logger = logging.getLogger("herd")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("serve", "generate", "chat"):
+        _show_herd_logs()
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError) as e:

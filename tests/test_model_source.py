@@ -32,8 +32,15 @@ def lay_out_hub_cache(cache: Path, repo_id: str, files: dict[str, Path], commit:
 
 @pytest.fixture(scope="module")
 def hub_cache(demo_dir, tmp_path_factory):
+    import json
+
     cache = tmp_path_factory.mktemp("hf-cache")
-    snapshot = lay_out_hub_cache(cache, REPO, {f.name: f for f in demo_dir.iterdir()})
+    # The demo, with an attention chunk (60) that the default block size (16) does not divide.
+    config = json.loads((demo_dir / "config.json").read_text())
+    config["text_config"]["attention_chunk_size"] = 60
+    (cache / "config.json").write_text(json.dumps(config))
+    files = {f.name: f for f in demo_dir.iterdir()} | {"config.json": cache / "config.json"}
+    snapshot = lay_out_hub_cache(cache, REPO, files)
     return cache, snapshot
 
 
@@ -140,3 +147,5 @@ def test_serve_by_hub_id_answers_to_the_id(hub_cache, tmp_path):
     finally:
         proc.kill()
         proc.wait()
+    log = proc.stdout.read()
+    assert "block size 15" in log and f"serving {REPO}" in log  # the start-up log says what it chose
