@@ -47,3 +47,39 @@ def test_tiny_positive_top_p_is_taken(http):
     body = json.dumps({**CHAT, "temperature": 1})[:-1] + ', "top_p": 5e-324}'
     r = http.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("content_type", [
+    "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None,
+])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/tokenize"])
+def test_json_routes_refuse_the_types_browsers_send_cross_site(http, path, content_type):
+    body = json.dumps({**CHAT, "prompt": "Hi"}).encode()
+    headers = {"content-type": content_type} if content_type else {}
+    r = http.post(path, content=body, headers=headers)
+    assert r.status_code == 415, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == "unsupported_media_type" and error["type"] == "invalid_request_error"
+
+
+def test_json_with_a_charset_is_json(http):
+    r = http.post("/v1/chat/completions", content=json.dumps(CHAT).encode(),
+                  headers={"content-type": "Application/JSON; charset=utf-8"})
+    assert r.status_code == 200, r.text
+
+
+def test_no_cors_unless_configured(http):
+    pre = http.options("/v1/chat/completions", headers={
+        "Origin": "https://evil.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type"})
+    assert "access-control-allow-origin" not in pre.headers
+    r = http.post("/v1/chat/completions", json=CHAT, headers={"Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in r.headers
+
+
+def test_playground_requests_are_json(http):
+    # The page posts with Content-Type application/json (same origin, so no CORS is involved).
+    page = http.get("/playground")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert '"Content-Type": "application/json"' in page.text

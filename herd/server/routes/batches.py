@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse, Response
 from herd.server.batch_lines import ENDPOINTS
 from herd.server.batch_service import batch_service, caller_key, is_together
 from herd.server.errors import APIError, bad_request, parse_json_body
+from herd.server.routes.common import require_json
 
 router = APIRouter()
 
@@ -110,6 +111,7 @@ async def create_batch(request: Request) -> Response:
 
     svc = batch_service(request)
     key_id = caller_key(request)
+    require_json(request)
     data = parse_json_body(await request.body())
     if not isinstance(data, dict):
         raise bad_request("the request body must be a JSON object")

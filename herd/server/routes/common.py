@@ -23,7 +23,21 @@ def state_of(request: Request) -> ServerState:
     return request.app.state.herd
 
 
+def require_json(request: Request) -> None:
+    """JSON routes take `application/json` bodies only (any parameters, such as a charset).
+    Without this, a web page could drive the API cross-site: browsers send text/plain, form and
+    multipart bodies (and bodies with no type) without asking the server first (no preflight)."""
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        raise APIError(
+            415,
+            f"the request body must be application/json; got {media_type or 'no Content-Type'}",
+            code="unsupported_media_type",
+        )
+
+
 async def parse_body(request: Request, model: type[M]) -> M:
+    require_json(request)
     data = parse_json_body(await request.body())
     if not isinstance(data, dict):
         raise bad_request("the request body must be a JSON object")
