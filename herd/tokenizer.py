@@ -13,7 +13,7 @@ import copy
 import json
 import re
 from datetime import datetime
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -36,6 +36,22 @@ _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 # OpenAI-style image parts. The HF multimodal templates (Llama 4's included) test for
 # `type == 'image'`, so these are presented to the template as image parts.
 _IMAGE_PART_TYPES = ("image_url", "input_image", "image")
+
+
+class PromptTooLong(ValueError):
+    """A text has more tokens than the caller allows: `tokens` of them, or at least that many
+    when not `exact` (it was refused before being tokenized in full)."""
+
+    def __init__(self, tokens: int, limit: int, exact: bool):
+        super().__init__(f"the text has {'' if exact else 'at least '}{tokens} tokens; at most {limit} are allowed")
+        self.tokens = tokens
+        self.limit = limit
+        self.exact = exact
+
+
+# encode(offload=...) sends texts longer than this to the other process; shorter ones take a few
+# milliseconds of GIL here, less than the trip there and back.
+OFFLOAD_CHARS = 8192
 
 
 class Tokenizer:
@@ -117,14 +133,31 @@ class Tokenizer:
     # ------------------------------------------------------ encode / decode
 
     def encode(
-        self, text: str, *, add_special_tokens: bool = False, add_bos: bool = False, parse_special: bool = True
+        self,
+        text: str,
+        *,
+        add_special_tokens: bool = False,
+        add_bos: bool = False,
+        parse_special: bool = True,
+        max_tokens: int | None = None,
+        offload=None,
     ) -> list[int]:
         """Token ids of `text`. With parse_special, special-token strings in the text become
         their control tokens (as HF tokenizers do); without, the text is encoded as pure text.
 
         add_special_tokens follows the tokenizer's own rule (its post-processor: Llama 4's puts
         <|begin_of_text|> in front, SmolLM2's adds nothing), except that a text already starting
-        with the BOS token gets no second one. add_bos forces a BOS in front (never doubled)."""
+        with the BOS token gets no second one. add_bos forces a BOS in front (never doubled).
+
+        A text with more than `max_tokens` tokens raises PromptTooLong, without being tokenized
+        when its length alone proves it. `offload` (a herd.tokenizer_process.TokenizerProcess)
+        tokenizes long texts in another process, so this call does not hold the GIL for them."""
+        self.check_length(len(text), max_tokens)
+        if offload is not None and len(text) > OFFLOAD_CHARS:
+            return offload.encode(
+                text, max_tokens=max_tokens, add_special_tokens=add_special_tokens, add_bos=add_bos,
+                parse_special=parse_special,
+            )
         tok = self._tok if parse_special else self._tok_plain
         ids = tok.encode(text, add_special_tokens=add_special_tokens).ids
         bos = self.bos_token_id
@@ -134,7 +167,30 @@ class Tokenizer:
                 ids = ids[1:]
         if add_bos and bos is not None and ids[:1] != [bos]:
             ids = [bos] + ids
+        if max_tokens is not None and len(ids) > max_tokens:
+            raise PromptTooLong(len(ids), max_tokens, exact=True)
         return ids
+
+    @cached_property
+    def max_token_chars(self) -> int | None:
+        """The longest token's text, in characters: a text of n characters has at least
+        n / max_token_chars tokens. None when a normalizer could shorten the text first."""
+        if self._tok.normalizer is not None:
+            return None
+        return max(map(len, self._tok.get_vocab(with_added_tokens=True)), default=None)
+
+    def check_length(self, chars: int, max_tokens: int | None) -> None:
+        """Refuses, without tokenizing it, a text of `chars` characters that must have more than
+        `max_tokens` tokens (each token covers at most max_token_chars characters)."""
+        if max_tokens is None or not self.max_token_chars:
+            return
+        at_least = -(-chars // self.max_token_chars)
+        if at_least > max_tokens:
+            raise PromptTooLong(at_least, max_tokens, exact=False)
+
+    def to_json(self) -> str:
+        """The tokenizer.json this tokenizer was made from (to make a copy in another process)."""
+        return self._tok.to_str()
 
     def decode(self, ids, *, skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -176,26 +232,40 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         template: str | None = None,
+        max_tokens: int | None = None,
+        offload=None,
         **template_kwargs,
     ) -> list[int]:
         """Prompt token ids for a conversation. Special tokens written by the template are
-        control tokens; special-token strings inside user-supplied content are encoded as text."""
+        control tokens; special-token strings inside user-supplied content are encoded as text.
+        `max_tokens` and `offload` are as for encode()."""
         text = self._render(
             messages, tools, add_generation_prompt, continue_final_message, template, template_kwargs, mark=True
         )
+        self.check_length(len(text) - text.count(_MARK), max_tokens)
         if self._special_re is None:
-            return self.encode(text.replace(_MARK, ""), parse_special=False)
+            return self.encode(text.replace(_MARK, ""), parse_special=False, max_tokens=max_tokens, offload=offload)
         # Split at the real special-token strings (only the template's own survive unbroken),
         # encode those as their ids and everything between as plain text, markers removed.
         ids: list[int] = []
+
+        def add_text(piece: str) -> None:
+            room = None if max_tokens is None else max_tokens - len(ids)
+            try:
+                ids.extend(self.encode(piece.replace(_MARK, ""), parse_special=False, max_tokens=room, offload=offload))
+            except PromptTooLong as e:  # count the whole prompt, not just this piece
+                raise PromptTooLong(len(ids) + e.tokens, max_tokens, exact=False) from None
+
         pos = 0
         for m in self._special_re.finditer(text):
             if m.start() > pos:
-                ids += self.encode(text[pos : m.start()].replace(_MARK, ""), parse_special=False)
+                add_text(text[pos : m.start()])
             ids.append(self.token_to_id(m.group()))
             pos = m.end()
         if pos < len(text):
-            ids += self.encode(text[pos:].replace(_MARK, ""), parse_special=False)
+            add_text(text[pos:])
+        if max_tokens is not None and len(ids) > max_tokens:
+            raise PromptTooLong(len(ids), max_tokens, exact=True)
         return ids
 
     def _render(self, messages, tools, add_generation_prompt, continue_final_message, template, kwargs, mark):

@@ -57,6 +57,7 @@ def create_app(engine, options: ServerOptions | None = None, platform=None) -> F
         finally:
             if batch is not None:
                 await batch.runner.stop()  # lines in flight are not recorded: they run again on restart
+            state.tokenizer_process.close()
             if options.owns_engine:
                 await asyncio.to_thread(engine.shutdown)
 

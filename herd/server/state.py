@@ -24,6 +24,8 @@ from herd.platform.meter import observe
 from herd.server.errors import APIError, bad_request, model_not_found
 from herd.server.logprobs import TokenText
 from herd.server.metrics import Metrics
+from herd.tokenizer import PromptTooLong
+from herd.tokenizer_process import TokenizerProcess
 
 T = TypeVar("T")
 log = logging.getLogger("herd.server")
@@ -32,7 +34,7 @@ log = logging.getLogger("herd.server")
 # chat_template_kwargs entry may not replace them.
 _RESERVED_TEMPLATE_KWARGS = frozenset(
     {"messages", "tools", "add_generation_prompt", "continue_final_message", "template", "options",
-     "model_dir", "tokenizer", "model_config"}
+     "model_dir", "tokenizer", "model_config", "max_tokens", "offload"}
 )
 
 
@@ -87,6 +89,10 @@ class ServerState:
         self.max_pending = options.max_pending_requests or 4 * max_num_seqs
         self.pending = 0
         self.pending_lock = threading.Lock()
+        # A prompt needs room for at least one new token. Longer texts are refused before they are
+        # tokenized when their length proves it; long ones are tokenized in another process.
+        self.max_prompt_tokens = self.max_model_len - 1
+        self.tokenizer_process = TokenizerProcess(self.tokenizer)
         # Checkpoints with a vision tower take image parts; others refuse them clearly.
         self.accepts_images = getattr(engine.engine.runner, "vision_model", None) is not None
 
@@ -155,6 +161,8 @@ class ServerState:
                 add_generation_prompt=add_generation_prompt and not continue_final_message,
                 continue_final_message=continue_final_message,
                 template=self.options.chat_template,
+                max_tokens=self.max_prompt_tokens,
+                offload=self.tokenizer_process,
                 **(chat_template_kwargs or {}),
             )
 
@@ -162,6 +170,8 @@ class ServerState:
             return await asyncio.to_thread(run)
         except APIError:
             raise
+        except PromptTooLong as e:
+            raise self.prompt_too_long(e, "messages") from None
         except (ImageError, FetchError, ImageLimitError) as e:  # bad or too many images: say which
             raise bad_request(str(e), param="messages") from None
         except (ValueError, jinja2.TemplateError) as e:  # raise_exception, bad shapes: the client's
@@ -170,9 +180,23 @@ class ServerState:
             log.warning("chat template failed", exc_info=True)
             raise bad_request("could not apply the chat template to these messages", param="messages") from None
 
-    async def encode_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    async def encode_text(self, text: str, add_special_tokens: bool = True, param: str = "prompt") -> list[int]:
         """A text prompt's ids, with the special tokens the tokenizer itself adds (never a second BOS)."""
-        return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
+        try:
+            return await asyncio.to_thread(
+                self.tokenizer.encode, text, add_special_tokens=add_special_tokens, max_tokens=self.max_prompt_tokens,
+                offload=self.tokenizer_process,
+            )
+        except PromptTooLong as e:
+            raise self.prompt_too_long(e, param) from None
+
+    def prompt_too_long(self, e: PromptTooLong, param: str) -> APIError:
+        return bad_request(
+            f"This model's maximum context length is {self.max_model_len} tokens, and the prompt has "
+            f"{'' if e.exact else 'at least '}{e.tokens} tokens: no room to generate.",
+            param=param,
+            code="context_length_exceeded",
+        )
 
     # -- running ------------------------------------------------------------------------------
     async def generate(

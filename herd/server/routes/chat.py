@@ -33,7 +33,8 @@ router = APIRouter()
 @router.post("/chat/completions")
 async def chat_completions(request: Request) -> Response:
     st = state_of(request)
-    req = await parse_body(request, ChatCompletionRequest)
+    # Each message takes at least one token of the context: more can never fit.
+    req = await parse_body(request, ChatCompletionRequest, max_items={"messages": st.max_prompt_tokens})
     chat, ticket = await prepare_chat(st, req)
     if req.stream:
         return StreamingResponse(chat.stream(ticket), media_type="text/event-stream", headers=SSE_HEADERS)
@@ -51,7 +52,10 @@ async def prepare_chat(st: ServerState, req: ChatCompletionRequest, *, priority:
     too (at a worse priority, admitted by its own cap), so a batch line's body is the body the
     same request gets online."""
     st.check_model(req.model)
-    messages = check_messages(req.messages, allow_images=st.accepts_images)
+    if len(req.messages) > 256:  # a long conversation takes a while to check: not on the event loop
+        messages = await asyncio.to_thread(check_messages, req.messages, allow_images=st.accepts_images)
+    else:
+        messages = check_messages(req.messages, allow_images=st.accepts_images)
     if req.continue_final_message and messages[-1]["role"] != "assistant":
         raise bad_request("continue_final_message needs a final assistant message", param="messages")
     overrides = sampling_overrides(req)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Any, TypeVar
@@ -36,11 +37,29 @@ def require_json(request: Request) -> None:
         )
 
 
-async def parse_body(request: Request, model: type[M]) -> M:
+# Bodies larger than this are parsed and validated in a worker thread (a large body takes
+# tens of milliseconds or more; the event loop must keep serving the other clients meanwhile).
+LARGE_BODY_BYTES = 256 * 1024
+
+
+async def parse_body(request: Request, model: type[M], max_items: dict[str, int] | None = None) -> M:
+    """The JSON body as `model`. `max_items` caps the length of top-level list fields, checked
+    before the (GIL-holding) validation of their items: a request whose list can never fit (more
+    messages than the context has tokens) is refused cheaply."""
     require_json(request)
-    data = parse_json_body(await request.body())
+    raw = await request.body()
+    if len(raw) <= LARGE_BODY_BYTES:
+        return _validate(parse_json_body(raw), model, max_items)
+    return await asyncio.to_thread(lambda: _validate(parse_json_body(raw, share_gil=True), model, max_items))
+
+
+def _validate(data: Any, model: type[M], max_items: dict[str, int] | None) -> M:
     if not isinstance(data, dict):
         raise bad_request("the request body must be a JSON object")
+    for name, limit in (max_items or {}).items():
+        value = data.get(name)
+        if isinstance(value, list) and len(value) > limit:
+            raise bad_request(f"{name} has {len(value)} items; at most {limit} are allowed", param=name)
     try:
         return model.model_validate(data)
     except ValidationError as e:

@@ -23,7 +23,8 @@ router = APIRouter()
 @router.post("/completions")
 async def completions(request: Request) -> Response:
     st = state_of(request)
-    req = await parse_body(request, CompletionRequest)
+    # More token ids than the context holds can never fit (the prompt-list limit is lower still).
+    req = await parse_body(request, CompletionRequest, max_items={"prompt": st.max_prompt_tokens})
     c, ticket = await prepare_completion(st, req)
     if req.stream:
         return StreamingResponse(c.stream(ticket), media_type="text/event-stream", headers=SSE_HEADERS)
@@ -51,7 +52,7 @@ async def prepare_completion(st: ServerState, req: CompletionRequest, *, priorit
     for i, prompt in enumerate(prompts):
         param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
         if isinstance(prompt, str):
-            ids, text = await st.encode_text(prompt), prompt
+            ids, text = await st.encode_text(prompt, param=param), prompt
         else:
             ids, text = list(prompt), None
         params = make_params(

@@ -18,7 +18,7 @@ router = APIRouter()
 @router.post("/tokenize")
 async def tokenize(request: Request) -> JSONResponse:
     st = state_of(request)
-    req = await parse_body(request, TokenizeRequest)
+    req = await parse_body(request, TokenizeRequest, max_items={"messages": st.max_prompt_tokens})
     st.check_model(req.model)
     if (req.prompt is None) == (req.messages is None):
         raise bad_request("give exactly one of `prompt` and `messages`", param="prompt")
