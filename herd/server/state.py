@@ -93,6 +93,7 @@ class ServerState:
         # tokenized when their length proves it; long ones are tokenized in another process.
         self.max_prompt_tokens = self.max_model_len - 1
         self.tokenizer_process = TokenizerProcess(self.tokenizer)
+        self.tokenizer.max_token_chars  # computed now (about a second of GIL), not on a request
         # Checkpoints with a vision tower take image parts; others refuse them clearly.
         self.accepts_images = getattr(engine.engine.runner, "vision_model", None) is not None
 
