@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,6 +95,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-memory", default="40GiB", help="KV-cache budget, e.g. 40GiB")
     parser.add_argument("--kv-cache-dtype", default="bfloat16", choices=sorted(KV_DTYPE_BYTES))
     parser.add_argument("--num-seqs", type=int, default=1, help="sequences sharing the budget")
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                        help="devices the model is split over: figures are per device (rank)")
+    parser.add_argument("--enable-expert-parallel", action="store_true")
+    parser.add_argument("--gpu-memory", default=None,
+                        help="memory of one device, e.g. 80GB (H100) or 141GB (H200): the KV budget is then "
+                             "what is left of it after this rank's weights, instead of --kv-memory")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--activation-reserve", default="4GiB",
+                        help="with --gpu-memory: room kept for activations and workspace per device")
+    parser.add_argument("--quantization", default=None, choices=["fp8", "fp8-all"],
+                        help="weights quantized as herd serve --quantization would (FP8 checkpoints: their own)")
 
 
 def run(args) -> int:
@@ -103,6 +115,48 @@ def run(args) -> int:
 
         model = ensure_demo_model()
     # A checkpoint directory, or a config file on its own (no weights needed to plan).
-    cfg = parse_config(json.loads(model.read_text())).text if model.is_file() else load_config(model).text
-    print(describe(cfg, parse_bytes(args.kv_memory), args.kv_cache_dtype, args.num_seqs, cfg.max_position_embeddings))
+    config = parse_config(json.loads(model.read_text())) if model.is_file() else load_config(model)
+    cfg = config.text
+    if args.tensor_parallel_size == 1 and args.gpu_memory is None:
+        print(describe(cfg, parse_bytes(args.kv_memory), args.kv_cache_dtype, args.num_seqs, cfg.max_position_embeddings))
+        return 0
+    return _plan_devices(config, args)
+
+
+def _plan_devices(config, args) -> int:
+    """Per-rank figures: weights, KV bytes per token, longest context for a device's memory."""
+    import torch
+
+    from herd.parallel.memory import text_weight_bytes, vision_weight_bytes
+    from herd.parallel.sizes import Shard, check_size
+
+    cfg = config.text
+    n = args.tensor_parallel_size
+    try:
+        check_size(cfg, n, args.enable_expert_parallel)
+    except ValueError as e:
+        print(f"herd plan: {e}", file=sys.stderr)
+        return 2
+    shard = Shard(0, n, args.enable_expert_parallel)
+    local = shard.local_text_config(cfg)
+    weights = text_weight_bytes(config, shard, torch.bfloat16, args.quantization)
+    vision = vision_weight_bytes(config, torch.bfloat16)
+    mode = "tensor + expert parallel" if args.enable_expert_parallel else "tensor parallel"
+    print(f"{mode} over {n} device(s); figures per device (rank 0; others hold the same amounts)")
+    print(f"heads {local.num_attention_heads} of {cfg.num_attention_heads}, KV heads {local.num_key_value_heads} "
+          f"of {cfg.num_key_value_heads}" + (" (replicated)" if n > cfg.num_key_value_heads else "")
+          + f", routed experts {len(shard.experts(cfg))} of {cfg.num_local_experts}"
+          + ("" if args.enable_expert_parallel else f" (each {len(shard.expert_width(cfg))} of {cfg.intermediate_size} wide)"))
+    print(f"weights: {_human(weights)} text + {_human(vision)} vision (replicated) = {_human(weights + vision)}")
+    if args.gpu_memory is not None:
+        device = parse_bytes(args.gpu_memory)
+        budget = int(device * args.gpu_memory_utilization) - weights - vision - parse_bytes(args.activation_reserve)
+        print(f"device {_human(device)} x {args.gpu_memory_utilization} - weights - {args.activation_reserve} "
+              f"activations = KV budget {_human(max(budget, 0))}")
+        if budget <= 0:
+            print("the weights do not fit: use more devices, FP8, or a larger device")
+            return 1
+    else:
+        budget = parse_bytes(args.kv_memory)
+    print(describe(local, budget, args.kv_cache_dtype, args.num_seqs, cfg.max_position_embeddings))
     return 0

@@ -48,3 +48,15 @@ def test_cli_prints_longest_context(capsys):
     assert "48.0 KiB" in out and "longest context" in out
     with pytest.raises(ValueError):
         parse_bytes("lots")
+
+
+def test_maverick_fp8_on_eight_h100s_per_rank(capsys):
+    # Meta's FP8 layout (routed experts FP8): ~48 GiB of text weights per rank at TP=8, one KV
+    # head per rank: 12 global layers x 128 x (K, V) x 2 bytes = 6 KiB per token.
+    assert main([str(MAVERICK), "-tp", "8", "--quantization", "fp8", "--gpu-memory", "80GB"]) == 0
+    out = capsys.readouterr().out
+    assert "KV heads 1 of 8" in out and "6.0 KiB in global layers" in out
+    weights = float(out.split("weights: ")[1].split(" GiB")[0])
+    assert 45 < weights < 52
+    assert main([str(MAVERICK), "-tp", "16"]) == 2
+    assert "valid sizes (tensor parallel): 1, 2, 4, 8" in capsys.readouterr().err
