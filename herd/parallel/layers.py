@@ -13,14 +13,18 @@ keeps its per-row scales with its rows. What is added here:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from herd.config import TextConfig
 from herd.model.llama4 import Llama4TextModel, MoE
-from herd.parallel.comm import Group
 from herd.parallel.sizes import Shard
+
+if TYPE_CHECKING:  # torch.distributed is slow to import; building shapes (herd plan) needs none of it
+    from herd.parallel.comm import Group
 
 
 class VocabParallelEmbedding(nn.Module):
