@@ -4,6 +4,8 @@ per-key rate-limit pool, and where uploaded files live.
     [batch]
     discount = 0.5          # fraction off every token's price for batch lines (0.5: 50% off)
     max_in_flight = 8       # batch lines in the engine at once, all batches together
+    busy_max_in_flight = 2  # ... while interactive requests are being served (or were, 2 s ago)
+    priority = 1            # scheduling priority of batch lines (interactive: 0; lower runs sooner)
     rpm = 0                 # per key, batch lines started per minute (0: unlimited)
     tpm = 0                 # per key, batch tokens (prompt + max_tokens) per minute (0: unlimited)
     max_lines = 50000       # lines per input file
@@ -22,6 +24,8 @@ from typing import Any
 class BatchConfig:
     discount: float = 0.5
     max_in_flight: int = 8
+    busy_max_in_flight: int = 2
+    priority: int = 1
     rpm: int = 0
     tpm: int = 0
     max_lines: int = 50_000
@@ -42,13 +46,17 @@ def parse_batch_config(table: dict[str, Any]) -> BatchConfig:
     if not isinstance(discount, (int, float)) or isinstance(discount, bool) or not 0 <= discount <= 1:
         raise ValueError("batch.discount must be a number in [0, 1] (0.5: half price)")
     values: dict[str, Any] = {"discount": float(discount)}
-    for name in ("max_in_flight", "rpm", "tpm", "max_lines", "max_file_bytes"):
+    for name in ("max_in_flight", "busy_max_in_flight", "rpm", "tpm", "max_lines", "max_file_bytes"):
         v = table.get(name, getattr(BatchConfig, name))
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise ValueError(f"batch.{name} must be a non-negative integer")
         values[name] = v
-    if values["max_in_flight"] < 1:
-        raise ValueError("batch.max_in_flight must be at least 1")
+    priority = table.get("priority", BatchConfig.priority)
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise ValueError("batch.priority must be an integer (interactive requests run at 0)")
+    values["priority"] = priority
+    if values["max_in_flight"] < 1 or values["busy_max_in_flight"] < 1:
+        raise ValueError("batch.max_in_flight and batch.busy_max_in_flight must be at least 1")
     files_dir = table.get("files_dir")
     if files_dir is not None and not isinstance(files_dir, str):
         raise ValueError("batch.files_dir must be a string")

@@ -5,7 +5,12 @@ at a worse priority than interactive requests and at most `batch.max_in_flight` 
 Everything it knows is in the database, so it survives a restart: on start it picks up every
 batch still validating, in progress, finalizing or cancelling, and runs only the lines that have
 no result row yet (a result row and the line's ledger row are written in one transaction).
-A line that failed because the server was stopping (5xx) is not recorded: it runs again.
+Lines in flight when the server stops are not recorded: they run again after the restart. A
+line answered 5xx is tried again (MAX_ATTEMPTS in all) before it goes to the error file.
+
+While interactive requests are being served, at most `batch.busy_max_in_flight` lines run
+(benchmarks/bench_batch.py: every batch line decoding in a step makes the step, which the
+interactive requests wait on, longer).
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ log = logging.getLogger("herd.batch")
 
 POLL_SECONDS = 1.0
 RETRY_SECONDS = 2.0
+SWEEP_SECONDS = 600.0
+BUSY_GRACE_SECONDS = 2.0
+BUSY_POLL_SECONDS = 0.02
 MAX_ATTEMPTS = 3  # a line failing with 5xx this often is recorded as failed
 
 
@@ -37,10 +45,32 @@ class BatchRunner:
         self.config = config
         self.slots = asyncio.Semaphore(config.max_in_flight)  # lines in the engine, all batches
         self.pool = platform.limiter  # in the database, like interactive limits; batch lines count under their own key
+        self.running = 0  # lines holding a slot
+        self._last_interactive = -BUSY_GRACE_SECONDS
         self.tasks: dict[str, asyncio.Task] = {}
         self.cancels: dict[str, asyncio.Event] = {}
         self._wake = asyncio.Event()
         self._main: asyncio.Task | None = None
+
+    # -- how many lines run --------------------------------------------------------------------------
+    async def _acquire(self, cancelled: asyncio.Event) -> None:
+        """A slot for one more line: at most max_in_flight, and while interactive requests are
+        being served (or were, BUSY_GRACE_SECONDS ago) at most busy_max_in_flight, so that the
+        engine's steps, which every interactive request waits on, stay small."""
+        await self.slots.acquire()
+        while self.running >= self.config.busy_max_in_flight and self._interactive_busy() and not cancelled.is_set():
+            await asyncio.sleep(BUSY_POLL_SECONDS)
+        self.running += 1
+
+    def _release(self) -> None:
+        self.running -= 1
+        self.slots.release()
+
+    def _interactive_busy(self) -> bool:
+        now = time.monotonic()
+        if self.st.pending > 0:  # interactive requests admitted (batch lines are not admitted there)
+            self._last_interactive = now
+        return now - self._last_interactive < BUSY_GRACE_SECONDS
 
     # -- lifetime ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -64,8 +94,12 @@ class BatchRunner:
         self._wake.set()
 
     async def _watch(self) -> None:
+        last_sweep = 0.0
         while True:
             try:
+                if time.monotonic() - last_sweep > SWEEP_SECONDS:  # files past their expires_at
+                    last_sweep = time.monotonic()
+                    await asyncio.to_thread(self.files.expire)
                 ids = await asyncio.to_thread(self.store.active_ids)
                 for batch_id in ids:
                     task = self.tasks.get(batch_id)
@@ -142,25 +176,25 @@ class BatchRunner:
         for line in lines:
             if line.number in done:
                 continue
-            await self.slots.acquire()
+            await self._acquire(cancelled)
             if cancelled.is_set():
-                self.slots.release()
+                self._release()
                 break
             if time.time() > b.expires_at:
-                self.slots.release()
+                self._release()
                 expired = True
                 break
             try:
                 charge = await self._take_from_pool(b, cancelled)
             except BaseException:
-                self.slots.release()
+                self._release()
                 raise
             if charge is False:  # cancelled while waiting for the pool
-                self.slots.release()
+                self._release()
                 break
             task = asyncio.get_running_loop().create_task(self._line(b, line, charge))
             in_flight.add(task)
-            task.add_done_callback(lambda t: (self.slots.release(), in_flight.discard(t)))
+            task.add_done_callback(lambda t: (self._release(), in_flight.discard(t)))
         if cancelled.is_set() or expired:
             for t in list(in_flight):
                 t.cancel()
@@ -193,7 +227,7 @@ class BatchRunner:
     async def _line(self, b: BatchRecord, line: Line, charge) -> None:
         started, created_at = time.monotonic(), time.time()
         for attempt in range(1, MAX_ATTEMPTS + 1):
-            status, body = await run_line(self.st, line.url, line.body)
+            status, body = await run_line(self.st, line.url, line.body, priority=self.config.priority)
             if status < 500 or attempt == MAX_ATTEMPTS:
                 break
             # 5xx: the engine was stopping or failed a step; try again, then give up on the line.

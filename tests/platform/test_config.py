@@ -85,3 +85,17 @@ def test_bad_config_names_the_field(tmp_path, text, message):
 
 def test_parse_ignores_other_tables():
     assert parse_config({"server": {"port": 1}}) == PlatformConfig()
+
+
+def test_batch_table():
+    from herd.platform.config import parse_config
+
+    c = parse_config({"batch": {"discount": 0.4, "max_in_flight": 16, "busy_max_in_flight": 1, "tpm": 5000,
+                                "files_dir": "/data/files"}})
+    b = c.batch
+    assert (b.discount, b.max_in_flight, b.busy_max_in_flight, b.tpm, b.rpm, b.priority) == (0.4, 16, 1, 5000, 0, 1)
+    assert str(b.resolved_files_dir()) == "/data/files"
+    assert parse_config({}).batch.discount == 0.5
+    for bad in ({"discount": 1.5}, {"max_in_flight": 0}, {"priority": "low"}, {"nope": 1}):
+        with pytest.raises(ValueError, match="batch"):
+            parse_config({"batch": bad})

@@ -245,3 +245,61 @@ def test_cancel_mid_batch_keeps_what_is_done(engine, tmp_path):
         assert len(batch_rows(platform)) == done  # only finished lines are billed
         time.sleep(0.5)
         assert c.batches.retrieve(b.id).request_counts.completed == done  # nothing started after cancel
+
+
+def test_batch_lines_have_their_own_rate_limit_pool(engine, tmp_path):
+    """[batch] rpm paces a key's batch lines (waiting, never failing them); the key's interactive
+    requests are not charged for them."""
+    from herd.platform.config import Limits
+    from herd.server import ServerOptions, create_app
+
+    config = PlatformConfig(limits=Limits(rpm=2, window_seconds=2),
+                            batch=BatchConfig(files_dir=str(tmp_path / "files"), rpm=1))
+    platform = Platform(config, Database(f"sqlite:///{tmp_path / 'herd.db'}"))
+    _, secret = KeyStore(platform.db).create("k")
+    app = create_app(engine, ServerOptions(owns_engine=False, served_model_names=[MODEL]), platform=platform)
+    with running_server(app) as url:
+        c = client(url, secret)
+        f = c.files.create(file=write_jsonl(tmp_path / "in.jsonl", [chat_line(i) for i in range(3)]).open("rb"),
+                           purpose="batch")
+        b = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+        start = time.monotonic()
+        b = wait_batch(c, b.id)
+        assert b.status == "completed" and b.request_counts.completed == 3
+        assert time.monotonic() - start >= 3.5  # one line per 2 s window: the third starts after 4 s
+        # The batch used none of the key's interactive requests per minute.
+        raw = c.chat.completions.with_raw_response.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                          max_tokens=1)
+        assert raw.headers["x-ratelimit-remaining"] == "1"
+
+
+def test_runner_holds_back_while_interactive_requests_run(monkeypatch):
+    """At most busy_max_in_flight lines start while interactive requests are admitted (and for a
+    grace period after); max_in_flight otherwise."""
+    import asyncio
+    import types
+
+    from herd.platform.ratelimit import RateLimiter  # noqa: F401  (the runner builds one)
+    from herd.server import batch_runner
+
+    monkeypatch.setattr(batch_runner, "BUSY_GRACE_SECONDS", 0.2)
+    st = types.SimpleNamespace(pending=0)
+    platform = types.SimpleNamespace(config=PlatformConfig(), clock=time.time)
+
+    async def scenario():
+        runner = batch_runner.BatchRunner(st, platform, None, None, BatchConfig(max_in_flight=3, busy_max_in_flight=1))
+        never = asyncio.Event()
+        for _ in range(3):
+            await asyncio.wait_for(runner._acquire(never), 1)  # idle: all three slots
+        for _ in range(3):
+            runner._release()
+        st.pending = 1  # an interactive request is running
+        await asyncio.wait_for(runner._acquire(never), 1)
+        second = asyncio.ensure_future(runner._acquire(never))
+        await asyncio.sleep(0.3)
+        assert not second.done()  # held back
+        st.pending = 0
+        await asyncio.wait_for(second, 1)  # released once the grace period has passed
+        assert runner.running == 2
+
+    asyncio.run(scenario())
