@@ -1,6 +1,5 @@
 """The batch tables on their own (SQLite and PostgreSQL): a line's result and ledger row are
-written together and only once; files are per key; batch rows stay out of the interactive
-rate-limit window and show apart in usage summaries."""
+written together and only once; files are per key; batch rows show apart in usage summaries."""
 
 from __future__ import annotations
 
@@ -41,7 +40,7 @@ def test_a_line_is_recorded_once_with_its_ledger_row(db):
     assert store.get_any(b.id).times["cancelling_at"] is not None
 
 
-def test_batch_rows_have_their_own_pool_and_show_apart(db):
+def test_batch_rows_show_apart_in_summaries(db):
     key = KeyStore(db).create("k")[0]
     ledger = Ledger(db, PlatformConfig())
     with db.write() as conn:

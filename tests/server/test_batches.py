@@ -279,12 +279,11 @@ def test_runner_holds_back_while_interactive_requests_run(monkeypatch):
     import asyncio
     import types
 
-    from herd.platform.ratelimit import RateLimiter  # noqa: F401  (the runner builds one)
     from herd.server import batch_runner
 
     monkeypatch.setattr(batch_runner, "BUSY_GRACE_SECONDS", 0.2)
     st = types.SimpleNamespace(pending=0)
-    platform = types.SimpleNamespace(config=PlatformConfig(), clock=time.time)
+    platform = types.SimpleNamespace(config=PlatformConfig(), clock=time.time, limiter=None)
 
     async def scenario():
         runner = batch_runner.BatchRunner(st, platform, None, None, BatchConfig(max_in_flight=3, busy_max_in_flight=1))
