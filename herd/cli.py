@@ -51,6 +51,12 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="split the model over this many devices (GPUs, or CPU processes), one worker process each")
     p.add_argument("--enable-expert-parallel", action="store_true",
                    help="with --tensor-parallel-size: each device holds whole routed experts instead of a slice of every one")
+    p.add_argument("--nnodes", type=int, default=1,
+                   help="hosts the model's ranks are spread over (--tensor-parallel-size is the total); every "
+                        "node runs the same command with its own --node-rank, only node 0 serves")
+    p.add_argument("--node-rank", type=int, default=0)
+    p.add_argument("--master-addr", default="127.0.0.1", help="node 0's address, reachable from every node")
+    p.add_argument("--master-port", type=int, default=None, help="a free port on node 0 (needed with --nnodes > 1)")
     p.add_argument("--chat-template", default=None, help="a jinja chat template file (default: the checkpoint's)")
     p.add_argument("--limit-mm-per-prompt", default=None, help='e.g. \'{"image": 5}\'')
     p.add_argument("--allow-private-image-urls", action="store_true",
@@ -193,6 +199,16 @@ def cmd_serve(args) -> int:
         return 2
     from herd.engine.engine import AsyncEngine
 
+    parallel = dict(
+        tensor_parallel_size=args.tensor_parallel_size,
+        enable_expert_parallel=args.enable_expert_parallel,
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        master_addr=args.master_addr,
+        master_port=args.master_port,
+    )
+    if _hosts_ranks_only(args):
+        return _serve_headless(args, parallel)
     platform = None
     if not args.no_platform:
         from herd.platform.config import load_config as load_platform_config
@@ -233,8 +249,7 @@ def cmd_serve(args) -> int:
         gpu_memory_utilization=args.gpu_memory_utilization,
         kv_cache_dtype=args.kv_cache_dtype,
         quantization=args.quantization,
-        tensor_parallel_size=args.tensor_parallel_size,
-        enable_expert_parallel=args.enable_expert_parallel,
+        **parallel,
     )
     # A dead engine (a tensor-parallel rank failed) ends the server: the streams in flight have
     # their error events, then uvicorn shuts down and `herd serve` exits non-zero.
@@ -268,6 +283,34 @@ def cmd_serve(args) -> int:
         print(f"herd serve: the engine failed: {engine.error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _hosts_ranks_only(args) -> bool:
+    """Nodes other than node 0 (and torchrun processes other than rank 0) host model ranks and
+    serve nothing."""
+    if args.node_rank:
+        return True
+    from herd.parallel.nodes import under_torchrun
+
+    return under_torchrun() and int(os.environ.get("RANK", "0")) != 0
+
+
+def _serve_headless(args, parallel: dict) -> int:
+    import torch
+
+    from herd.config import load_config
+    from herd.engine.engine import resolve_dtype
+    from herd.engine.options import check_quantization, engine_options_from, resolve_engine_options
+    from herd.model_source import resolve_model_dir
+    from herd.parallel.executor import run_headless
+
+    model_dir = resolve_model_dir(args.model_dir or args.model, revision=args.revision, download_dir=args.download_dir)
+    config = load_config(model_dir)
+    options = resolve_engine_options(engine_options_from(parallel), config)
+    check_quantization(config, args.quantization)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = resolve_dtype(args.dtype, config, device)
+    return run_headless(model_dir, config, dtype, device, args.quantization, options)
 
 
 def _run_gracefully(config) -> None:

@@ -32,6 +32,11 @@ class EngineOptions:
     kv_cache_dtype: str = "auto"  # "fp8": K/V in E4M3 with per-token scales, about half the bytes
     tensor_parallel_size: int = 1  # ranks (devices) one model is split over; see herd.parallel
     enable_expert_parallel: bool = False  # routed experts whole on each rank instead of sliced
+    # Several hosts: tensor_parallel_size is the total; node 0 runs the engine, the others their ranks.
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"  # where rank 0 (node 0) listens for the others
+    master_port: int | None = None  # None: any free port (one node only)
 
 
 def engine_options_from(kwargs: dict[str, Any]) -> EngineOptions:
@@ -91,7 +96,10 @@ def resolve_engine_options(options: EngineOptions, config: ModelConfig) -> Engin
     if options.tensor_parallel_size != 1 or options.enable_expert_parallel:
         from herd.parallel.sizes import check_size
 
+        from herd.parallel.nodes import check_nodes
+
         check_size(text, options.tensor_parallel_size, options.enable_expert_parallel)
+        check_nodes(options.tensor_parallel_size, options.nnodes, options.node_rank)
     if not 0 < options.gpu_memory_utilization <= 1:
         raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {options.gpu_memory_utilization}")
     return dataclasses.replace(options, block_size=block_size)

@@ -38,13 +38,14 @@ class Endpoint:
 class Group:
     """This process's rank in the model's process groups."""
 
-    def __init__(self, rank: int, size: int, device: torch.device, endpoint: Endpoint):
+    def __init__(self, rank: int, size: int, device: torch.device, endpoint: Endpoint | None):
+        """endpoint None: torchrun's rendezvous (MASTER_ADDR/MASTER_PORT, its agent's store)."""
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(
             backend,
-            init_method=endpoint.url,
+            init_method=endpoint.url if endpoint is not None else "env://",
             rank=rank,
             world_size=size,
             timeout=datetime.timedelta(seconds=STEP_TIMEOUT_S),

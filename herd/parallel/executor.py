@@ -21,10 +21,11 @@ import torch
 
 from herd.engine.kv_cache import KVCache
 from herd.engine.runner import Runner, ScheduledSeq
-from herd.parallel.comm import Endpoint, Group, Rank
-from herd.parallel.sizes import Shard, check_size
+from herd.parallel.comm import Group
+from herd.parallel.sizes import check_size
 from herd.parallel.step import CacheSpec, to_message
-from herd.parallel.worker import SPEC_ENV, WorkerSpec, load_rank
+from herd.parallel.nodes import Layout, layout_from
+from herd.parallel.worker import SPEC_ENV, WorkerSpec, load_rank, run_worker
 
 log = logging.getLogger("herd.parallel")
 
@@ -107,17 +108,44 @@ def stop_workers(workers: list[subprocess.Popen]) -> None:
             p.wait(JOIN_TIMEOUT_S)
 
 
-def start_workers(spec: WorkerSpec, ranks: range) -> list[subprocess.Popen]:
-    """One process per local worker rank, a fresh interpreter running herd.parallel.worker
-    (not multiprocessing: that would re-run the caller's script in each worker, and a fork
-    would copy the engine process's threads and CUDA state)."""
+def start_workers(spec: WorkerSpec, layout: Layout) -> list[subprocess.Popen]:
+    """One process per worker rank this node starts, a fresh interpreter running
+    herd.parallel.worker (not multiprocessing: that would re-run the caller's script in each
+    worker, and a fork would copy the engine process's threads and CUDA state)."""
     encoded = base64.b64encode(pickle.dumps(spec)).decode()
     workers = []
-    for rank in ranks:
-        cmd = [sys.executable, "-m", "herd.parallel.worker", "--rank", str(rank), "--local-rank", str(rank),
-               "--parent-pid", str(os.getpid())]
+    for rank in layout.ranks_to_start():
+        cmd = [sys.executable, "-m", "herd.parallel.worker", "--rank", str(rank),
+               "--local-rank", str(layout.local_rank_of(rank)), "--parent-pid", str(os.getpid())]
         workers.append(subprocess.Popen(cmd, env={**os.environ, SPEC_ENV: encoded}))
     return workers
+
+
+def worker_spec(model_dir, config, dtype: torch.dtype, device: torch.device, quantization, options, layout: Layout):
+    size = options.tensor_parallel_size
+    check_size(config.text, size, options.enable_expert_parallel)
+    if device.type == "cuda" and torch.cuda.device_count() < layout.per_node:
+        raise ValueError(
+            f"{layout.per_node} ranks on this node need {layout.per_node} GPUs; it has {torch.cuda.device_count()}"
+        )
+    threads = max(1, (os.cpu_count() or 1) // layout.per_node) if device.type == "cpu" else None
+    return WorkerSpec(str(model_dir), dtype, device.type, size, options.enable_expert_parallel, layout.endpoint,
+                      quantization, threads)
+
+
+def run_headless(model_dir, config, dtype: torch.dtype, device: torch.device, quantization, options) -> int:
+    """A node other than node 0 (or a torchrun process other than rank 0): hosts its ranks and
+    serves nothing; returns when they end (rank 0 stopped them, or failed)."""
+    layout = layout_from(options, free_port)
+    spec = worker_spec(model_dir, config, dtype, device, quantization, options, layout)
+    if layout.launched:  # torchrun made this process one rank: be it
+        run_worker(spec, layout.rank, layout.local_rank)
+        return 0
+    workers = start_workers(spec, layout)
+    log.info("node %d: ranks %s started; rank 0 is on %s", layout.node_rank, list(layout.ranks_to_start()),
+             spec.endpoint.url)
+    codes = [p.wait() for p in workers]
+    return max(codes, default=0)
 
 
 def start_parallel(model_dir, config, dtype: torch.dtype, device: torch.device, quantization, options):
@@ -126,17 +154,11 @@ def start_parallel(model_dir, config, dtype: torch.dtype, device: torch.device, 
     Returns (rank 0's text model, vision model or None, a factory that makes the executor once
     the engine has sized the KV cache).
     """
-    size = options.tensor_parallel_size
-    expert_parallel = options.enable_expert_parallel
-    check_size(config.text, size, expert_parallel)
-    if device.type == "cuda" and torch.cuda.device_count() < size:
-        raise ValueError(
-            f"tensor_parallel_size {size} needs {size} GPUs; this machine has {torch.cuda.device_count()}"
-        )
-    endpoint = Endpoint("127.0.0.1", free_port())
-    threads = max(1, (os.cpu_count() or 1) // size) if device.type == "cpu" else None
-    spec = WorkerSpec(str(model_dir), dtype, device.type, size, expert_parallel, endpoint, quantization, threads)
-    workers = start_workers(spec, range(1, size))
+    layout = layout_from(options, free_port)
+    if layout.node_rank != 0 or layout.rank != 0:
+        raise ValueError("only node 0 (rank 0) runs the engine; other nodes run `herd serve ... --node-rank K`")
+    spec = worker_spec(model_dir, config, dtype, device, quantization, options, layout)
+    workers = start_workers(spec, layout)
     try:
         group, model, vision, _ = load_rank(spec, 0, 0)
     except BaseException:

@@ -29,7 +29,7 @@ class WorkerSpec:
     device_type: str  # "cpu" or "cuda"
     size: int
     expert_parallel: bool
-    endpoint: Endpoint
+    endpoint: Endpoint | None  # None: torchrun's
     quantization: str | None = None
     threads: int | None = None  # CPU threads per rank (None: torch's default)
 

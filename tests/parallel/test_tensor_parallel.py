@@ -6,6 +6,9 @@ prefill, preemption, prefix caching, n > 1, seeded sampling and prompt logprobs.
 engine starts its worker processes once and runs the whole mix.
 """
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -116,3 +119,24 @@ def test_parallel_greedy_matches_transformers(checkpoint, mix):
 def test_size_the_heads_do_not_divide_is_refused_at_start(checkpoint):
     with pytest.raises(ParallelConfigError, match=r"tensor_parallel_size 3 .*4 attention heads.*valid sizes.*: 1, 2, 4"):
         LLM(str(checkpoint[1]), tensor_parallel_size=3, **OPTIONS)
+
+
+def test_two_nodes_of_one_rank_each(checkpoint, mix, single):
+    """Node 1 runs `herd serve ... --nnodes 2 --node-rank 1` (its rank, no server); node 0's
+    engine is rank 0. Both on 127.0.0.1."""
+    from herd.parallel.executor import free_port
+
+    prompts, params = mix[0][:4], mix[1][:4]
+    port = free_port()
+    node1 = subprocess.Popen(
+        [sys.executable, "-m", "herd.cli", "serve", str(checkpoint[1]), "--dtype", "float32", "--device", "cpu",
+         "--tensor-parallel-size", "2", "--nnodes", "2", "--node-rank", "1", "--master-port", str(port)],
+    )
+    try:
+        with LLM(str(checkpoint[1]), tensor_parallel_size=2, nnodes=2, node_rank=0, master_port=port, **OPTIONS) as llm:
+            results = llm.generate(prompts, params)
+        assert node1.wait(timeout=60) == 0  # rank 0 stopped it
+    finally:
+        if node1.poll() is None:
+            node1.kill()
+    _assert_same(results, single[0][:4])
