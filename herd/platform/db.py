@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import threading
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -67,6 +69,7 @@ class Database:
         else:
             raise ValueError(f"unsupported database {redact(self.url)}: use sqlite:/// or postgresql://")
         self._writer = self.engine.execution_options(herd_write=True)
+        _open.add(self)
         if migrate:
             self.migrate()
 
@@ -148,6 +151,20 @@ class Database:
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
             command.upgrade(self._alembic(conn), revision)
         log.info("database %s at schema %s", redact(self.url), self.current_revision())
+
+
+# A forked child (e.g. one of several API server processes) must not use its parent's pooled
+# connections: it opens its own, and leaves the parent's alone.
+_open: weakref.WeakSet[Database] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for db in list(_open):
+        db.engine.dispose(close=False)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _setup_sqlite(engine: Engine, synchronous: str) -> None:

@@ -53,10 +53,13 @@ class Platform:
         self.worker = DatabaseWorker(self.db)  # the request path's database work, batched off the event loop
         self.key_cache_seconds = key_cache_seconds
         self._callers: dict[str, tuple[float, int, Caller | AuthError]] = {}
+        self._monotonic = time.monotonic  # the cache's clock (tests replace it)
 
     def start(self) -> None:
         """Call once before serving: closes rows a crash left running (the rate windows live in
-        the database and need nothing)."""
+        the database and need nothing). With several API server processes in one herd, call it
+        once, before any of them serves: a later call would mark the others' requests in flight
+        as aborted until they end (their `end` still completes the rows; see ledger.py)."""
         now = self.clock()
         recovered = self.ledger.recover(now)
         if recovered:
@@ -77,7 +80,7 @@ class Platform:
         """What `authenticate(secret)` answered less than key_cache_seconds ago (the caller, or
         the AuthError to raise), or None when it must be asked again. Never touches the database."""
         hit = self._callers.get(hash_secret(secret or ""))
-        if hit is None or hit[1] != self.keys.changes or time.monotonic() >= hit[0]:
+        if hit is None or hit[1] != self.keys.changes or self._monotonic() >= hit[0]:
             return None
         return hit[2]
 
@@ -98,7 +101,7 @@ class Platform:
             return
         if len(self._callers) >= _KEY_CACHE_SIZE:
             self._callers.clear()
-        self._callers[hash_secret(secret or "")] = (time.monotonic() + self.key_cache_seconds, changes, outcome)
+        self._callers[hash_secret(secret or "")] = (self._monotonic() + self.key_cache_seconds, changes, outcome)
 
     def _authenticate(self, secret: str | None) -> Caller:
         if secret:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Connection
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 
 from herd.platform.db import Database
 
@@ -44,11 +44,11 @@ class _Item:
         self.ok = False
         self.value: Any = None
 
-    def run(self, conn: Connection) -> None:
+    def run(self, conn: Connection, database_errors: tuple[type[BaseException], ...]) -> None:
         try:
             self.value, self.ok = self.fn(conn), True
-        except (SQLAlchemyError, DBAPIError):
-            raise  # the transaction is broken: the batch is retried one by one
+        except database_errors:
+            raise  # the transaction is broken (PostgreSQL refuses all that follows): retried one by one
         except Exception as e:  # the operation's answer (e.g. RateLimited)
             self.value, self.ok = e, False
 
@@ -72,6 +72,11 @@ class DatabaseWorker:
         self._closing = False
         self._thread: threading.Thread | None = None
         self._conn: Connection | None = None  # the thread's own
+        # Operations run driver statements (Database.cursor): the driver's own errors break the
+        # transaction as SQLAlchemy's do.
+        dialect = db.engine.dialect
+        dbapi = getattr(dialect, "loaded_dbapi", None) or dialect.dbapi
+        self._database_errors = (SQLAlchemyError, dbapi.Error)
 
     # -- the event loop's side ------------------------------------------------------------------
     def submit(self, fn: Op) -> asyncio.Future:
@@ -145,7 +150,7 @@ class DatabaseWorker:
             conn = self._connection()
             with self.db.driver_transaction(conn):
                 for item in batch:
-                    item.run(conn)
+                    item.run(conn, self._database_errors)
         except Exception as e:
             self._drop_connection()
             if len(batch) > 1:

@@ -3,6 +3,8 @@
 import pytest
 
 from herd.platform.config import Limits, PlatformConfig
+from herd.platform.db import Database
+from herd.platform.keys import KeyStore
 from herd.platform.ledger import UsageRecord
 from herd.platform.ratelimit import RateLimited
 from herd.platform.service import AuthError, Platform
@@ -84,3 +86,33 @@ def test_limits_survive_a_restart(db):
         restarted.limiter.admit(key.id, 1, rpm, tpm)
     clock.t += 60
     assert restarted.limiter.snapshot(key.id, rpm, tpm).requests_remaining == 3
+
+
+def test_key_lookups_are_cached_briefly(db):
+    """A server answers a key from memory for key_cache_seconds; a revocation from elsewhere
+    (`herd keys revoke`, another server) takes effect within that time, one through this
+    Platform at once."""
+    p = Platform(PlatformConfig(), db, key_cache_seconds=2)
+    now = [100.0]
+    p._monotonic = lambda: now[0]
+    key, secret = p.keys.create("alice")
+    assert p.cached_caller(secret) is None  # never asked yet
+    assert p.authenticate(secret).key_id == key.id
+    assert p.cached_caller(secret).key_id == key.id
+    assert isinstance(p.cached_caller("herd-wrong"), type(None))
+    with pytest.raises(AuthError):
+        p.authenticate("herd-wrong")
+    assert isinstance(p.cached_caller("herd-wrong"), AuthError)  # refusals are remembered too
+
+    KeyStore(Database(db.url)).revoke("alice")  # from another process
+    now[0] += 1.9
+    assert p.cached_caller(secret).key_id == key.id  # still cached...
+    now[0] += 0.2
+    assert p.cached_caller(secret) is None  # ...for key_cache_seconds at most
+    with pytest.raises(AuthError):
+        p.authenticate(secret)
+
+    bob, bob_secret = p.keys.create("bob")
+    assert p.authenticate(bob_secret).key_id == bob.id
+    p.keys.revoke("bob")  # through this Platform: forgotten at once
+    assert p.cached_caller(bob_secret) is None

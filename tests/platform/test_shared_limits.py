@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 from herd.platform.config import Limits, PlatformConfig
 from herd.platform.db import Database
+from herd.platform.middleware import install  # imported here, once: the forked processes inherit it
 from herd.platform.service import Platform
 
 REQUESTS_PER_PROCESS = 10
@@ -22,7 +23,6 @@ def _app(db_url: str):
     from starlette.responses import JSONResponse
 
     from herd.platform.meter import observe, reserve
-    from herd.platform.middleware import install
 
     app = FastAPI()
 
