@@ -127,6 +127,58 @@ def write_bench_checkpoint(dst: Path, head_dim: int) -> Path:
     return dst
 
 
+# An MoE checkpoint where the routed experts do most of the work (issue 17): random weights, the
+# default model's SmolLM2 tokenizer (49,152 tokens, so the lm_head is small), Maverick's layout
+# (MoE layers interleaved with dense ones, top-1 routing), widths scaled for a CPU.
+MOE_TEXT_CONFIG = {
+    "vocab_size": 49152,
+    "hidden_size": 256,
+    "intermediate_size": 512,  # each routed expert and the shared expert
+    "intermediate_size_mlp": 1024,  # dense layers
+    "num_hidden_layers": 8,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "num_local_experts": 16,
+    "num_experts_per_tok": 1,
+    "interleave_moe_layer_step": 2,
+    "no_rope_layer_interval": 4,
+    "use_qk_norm": False,
+    "attention_chunk_size": 128,
+    "attn_temperature_tuning": True,
+    "floor_scale": 32,
+    "attn_scale": 0.1,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5,
+    "bos_token_id": 1,
+    "eos_token_id": [2],
+    "pad_token_id": 2,
+    "tie_word_embeddings": False,
+}
+
+
+def write_moe_checkpoint(dst: Path, seed: int = 0) -> Path:
+    """MOE_TEXT_CONFIG with random weights, as a text-only Llama4ForCausalLM checkpoint in bf16,
+    with the default model's tokenizer files (converted once into herd's cache)."""
+    import torch
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    from herd.default_model import ensure_default_model
+
+    tok_dir = ensure_default_model(progress=False)
+    torch.manual_seed(seed)
+    model = Llama4ForCausalLM(Llama4TextConfig(**MOE_TEXT_CONFIG))
+    for param in model.parameters():
+        param.data = param.data.to(torch.bfloat16)
+    model.config.dtype = torch.bfloat16
+    model.save_pretrained(dst)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tok_dir / name).is_file():
+            shutil.copy2(tok_dir / name, dst / name)
+    (dst / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [2], "pad_token_id": 2}))
+    return dst
+
+
 def make_prompts(n: int, lo: int, hi: int, seed: int) -> list[list[int]]:
     rng = random.Random(seed)
     out = []

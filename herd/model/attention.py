@@ -8,7 +8,8 @@ sequence has left behind may be released (their table entries are then -1 and ne
 
 This is the portable backend (CPU and any GPU): it gathers K/V through the block tables and
 calls PyTorch's scaled_dot_product_attention with an explicit mask. Decoding sequences (one
-new token each) share one padded, batched call per layer; prefills run one sequence at a time.
+new token each) share one padded, batched computation per layer (`decode_attention`: two
+batched matmuls); prefills run one sequence at a time.
 """
 
 from __future__ import annotations
@@ -121,6 +122,36 @@ def _load(cache: torch.Tensor, scales: torch.Tensor | None, slots: torch.Tensor,
     return cache[slots].to(dtype) * scales[slots][..., None].to(dtype)
 
 
+# Above this many attention scores (decoding sequences x query heads x keys) decode attention
+# goes through SDPA's blocked kernels instead of materializing the scores (64 MiB of float32).
+DECODE_SCORES_LIMIT = 16 * 2**20
+
+
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """One query token per sequence: q [B, Hq, D], k/v [B, L, Hkv, D], valid [B, L] -> [B, Hq, D].
+
+    Two small batched matmuls with the query heads of each KV head side by side, softmax in
+    float32. On CPU, SDPA's flash kernel with a mask costs 2-7x more at these shapes (it is
+    built for many query rows; bf16 worst).
+    """
+    b, hq, d = q.shape
+    hkv = k.shape[2]
+    if b * hq * k.shape[1] > DECODE_SCORES_LIMIT:
+        o = F.scaled_dot_product_attention(
+            q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=valid[:, None, None, :], scale=scale, enable_gqa=True,
+        )
+        return o.squeeze(2)
+    # Query head h reads KV head h // (hq / hkv), as SDPA's enable_gqa does.
+    qg = q.float().view(b, hkv, hq // hkv, d)
+    scores = torch.matmul(qg, k.float().permute(0, 2, 3, 1)) * scale  # [B, Hkv, G, L]
+    scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
+    o = torch.matmul(torch.softmax(scores, dim=-1), v.float().transpose(1, 2))  # [B, Hkv, G, D]
+    return o.reshape(b, hq, d).to(q.dtype)
+
+
 def paged_attention(
     q: torch.Tensor,
     k_new: torch.Tensor,
@@ -144,15 +175,7 @@ def paged_attention(
         b, width = plan.slots.shape
         k = _load(cache.k, cache.k_scale, plan.slots.reshape(-1), q.dtype).view(b, width, *cache.k.shape[1:])
         v = _load(cache.v, cache.v_scale, plan.slots.reshape(-1), q.dtype).view(b, width, *cache.v.shape[1:])
-        o = F.scaled_dot_product_attention(
-            q[plan.rows].unsqueeze(2),  # [B, Hq, 1, D]
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            attn_mask=plan.valid[:, None, None, :],
-            scale=scale,
-            enable_gqa=True,
-        )
-        out[plan.rows] = o.squeeze(2)
+        out[plan.rows] = decode_attention(q[plan.rows], k, v, plan.valid, scale)
     bs = meta.block_size
     for i in plan.others:
         seq = meta.seqs[i]

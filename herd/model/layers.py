@@ -72,23 +72,6 @@ def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     return out.type_as(x)
 
 
-def route_to_experts(
-    x: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tensor, num_experts: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Groups a layer's (token, expert) pairs by expert, so each expert runs once on its tokens.
-
-    x [T, H]; expert_ids, scores [T, k]. Returns the expert inputs sorted by expert [T*k, H],
-    already multiplied by their router scores (Llama 4 scales the expert's input, not its
-    output), the token each row came from [T*k], and the row count of every expert [E].
-    """
-    top_k = expert_ids.shape[1]
-    flat_experts = expert_ids.flatten()
-    order = torch.argsort(flat_experts, stable=True)
-    token_of = torch.arange(x.shape[0], device=x.device).repeat_interleave(top_k)[order]
-    routed_in = x[token_of] * scores.flatten()[order, None].to(x.dtype)
-    return routed_in, token_of, torch.bincount(flat_experts, minlength=num_experts)
-
-
 class SwiGLU(nn.Module):
     """Dense gated MLP: down(silu(gate(x)) * up(x)). Used for dense layers and the shared expert."""
 

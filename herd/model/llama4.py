@@ -21,8 +21,8 @@ from herd.model.layers import (
     rms_normalize,
     rope_cos_sin,
     rope_inv_freq,
-    route_to_experts,
 )
+from herd.model.moe import routed_experts
 
 
 class Attention(nn.Module):
@@ -69,8 +69,8 @@ class RoutedExperts(nn.Module):
     """All routed experts of one MoE layer, stored fused as in bf16 checkpoints.
 
     gate_up_proj: [experts, hidden, 2 * intermediate] (gate half first), down_proj:
-    [experts, intermediate, hidden]. Tokens are grouped by expert so that each expert runs
-    once per step on just its tokens.
+    [experts, intermediate, hidden]. All experts run as one grouped GEMM per matmul
+    (herd/model/moe.py), each on just its tokens.
     """
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int):
@@ -81,18 +81,7 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """x [T, H]; expert_ids, scores [T, k] -> sum over k of expert(score * x), [T, H]."""
-        routed_in, token_of, counts = route_to_experts(x, expert_ids, scores, self.num_experts)
-        out = torch.zeros_like(x)
-        start = 0
-        for expert, count in enumerate(counts.tolist()):
-            if count == 0:
-                continue
-            end = start + count
-            gate, up = (routed_in[start:end] @ self.gate_up_proj[expert]).chunk(2, dim=-1)
-            y = (up * F.silu(gate)) @ self.down_proj[expert]
-            out.index_add_(0, token_of[start:end], y)
-            start = end
-        return out
+        return routed_experts(x, expert_ids, scores, self.gate_up_proj, self.down_proj)
 
 
 class MoE(nn.Module):

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from herd.model.layers import route_to_experts
+from herd.model.moe import grouped_swiglu, route
 
 log = logging.getLogger("herd.quant")
 
@@ -132,22 +132,32 @@ class Fp8RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         # Score first, then per-token FP8 quantization inside each matmul (Llama 4's order).
-        routed_in, token_of, counts = route_to_experts(x, expert_ids, scores, self.num_experts)
+        routed_in, token_of, counts = route(x, expert_ids, scores, self.num_experts)
         if self.grouped:
             y = self._grouped(routed_in, counts)
-            return torch.zeros_like(x).index_add_(0, token_of, y.to(x.dtype))
-        out = torch.zeros_like(x)
-        start = 0
-        for expert, count in enumerate(counts.tolist()):
-            if count == 0:
-                continue
-            end = start + count
-            gate_up = fp8_linear(routed_in[start:end], self.gate_up_weight[expert], self.gate_up_scale[expert], self.backend)
-            gate, up = gate_up.chunk(2, dim=-1)
-            y = fp8_linear(up * F.silu(gate), self.down_weight[expert], self.down_scale[expert], self.backend)
-            out.index_add_(0, token_of[start:end], y)
-            start = end
-        return out
+        elif self.backend == DEQUANT:
+            y = self._dequant_grouped(routed_in, counts)
+        else:  # _scaled_mm without a grouped form on this GPU: one GEMM pair per expert
+            y = routed_in.new_empty(routed_in.shape)
+            start = 0
+            for expert, count in enumerate(counts.tolist()):
+                if count == 0:
+                    continue
+                end = start + count
+                gate_up = fp8_linear(routed_in[start:end], self.gate_up_weight[expert], self.gate_up_scale[expert], self.backend)
+                gate, up = gate_up.chunk(2, dim=-1)
+                y[start:end] = fp8_linear(up * F.silu(gate), self.down_weight[expert], self.down_scale[expert], self.backend)
+                start = end
+        return torch.zeros_like(x).index_add_(0, token_of, y.to(x.dtype))
+
+    def _dequant_grouped(self, routed_in: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """W8A8 emulated: the experts that have rows this step are dequantized (into temporaries,
+        [in, out] views) and run as one grouped GEMM with per-token fake-quantized inputs."""
+        active = counts.nonzero()[:, 0]
+        dtype = routed_in.dtype
+        gate_up = dequantize(self.gate_up_weight[active], self.gate_up_scale[active], dtype).transpose(1, 2)
+        down = dequantize(self.down_weight[active], self.down_scale[active], dtype).transpose(1, 2)
+        return grouped_swiglu(routed_in, counts[active], gate_up, down, act_quant=fake_quantize_per_token)
 
     def _grouped(self, routed_in: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Both expert matmuls as one grouped FP8 GEMM each (CUDA, tokens sorted by expert)."""
