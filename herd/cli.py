@@ -18,6 +18,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="where Hub models are cached (default: the Hugging Face cache, $HF_HOME/hub)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--cpu-threads", type=int, default=None,
+                   help="torch threads on CPU (default: all cores but one, at least one; vLLM's CPU default too)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -97,7 +99,8 @@ def _sampling(args):
 def cmd_generate(args) -> int:
     from herd import LLM
 
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, revision=args.revision, download_dir=args.download_dir)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, revision=args.revision, download_dir=args.download_dir,
+              cpu_threads=args.cpu_threads)
     params = _sampling(args)
     if args.raw:
         out = llm.generate(args.prompt, params)[0]
@@ -134,7 +137,8 @@ def cmd_chat(args) -> int:
 def _chat_in_process(args):
     from herd import LLM
 
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, revision=args.revision, download_dir=args.download_dir)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, revision=args.revision, download_dir=args.download_dir,
+              cpu_threads=args.cpu_threads)
     params = _sampling(args)
     engine = llm.engine
 
@@ -250,6 +254,7 @@ def cmd_serve(args) -> int:
         kv_cache_dtype=args.kv_cache_dtype,
         quantization=args.quantization,
         **parallel,
+        cpu_threads=args.cpu_threads,
     )
     # A dead engine (a tensor-parallel rank failed) ends the server: the streams in flight have
     # their error events, then uvicorn shuts down and `herd serve` exits non-zero.

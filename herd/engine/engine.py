@@ -22,7 +22,13 @@ import torch
 from herd.checkpoint import load_text_model
 from herd.config import ModelConfig, load_config
 from herd.engine.kv_cache import KVBlockManager, KVCache
-from herd.engine.options import EngineOptions, check_quantization, engine_options_from, resolve_engine_options
+from herd.engine.options import (
+    EngineOptions,
+    check_quantization,
+    default_cpu_threads,
+    engine_options_from,
+    resolve_engine_options,
+)
 from herd.engine.outputs import CompletionOutput, OutputTracker, RequestOutput
 from herd.engine.request import ImageInput, Request
 from herd.engine.runner import Runner
@@ -137,6 +143,8 @@ class Engine:
         if device.type == "cpu":
             # Subnormal floats (common in random-weight models) make CPU matmuls 100x slower.
             torch.set_flush_denormal(True)
+            torch.set_num_threads(options.cpu_threads or default_cpu_threads())
+            log.info("CPU: %d torch thread(s) (--cpu-threads)", torch.get_num_threads())
         bs = options.block_size
         # The cache holds this device's KV heads: model.config is the rank's local config.
         kv_config = getattr(model, "config", text)

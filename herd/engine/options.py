@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,18 @@ class EngineOptions:
     node_rank: int = 0
     master_addr: str = "127.0.0.1"  # where rank 0 (node 0) listens for the others
     master_port: int | None = None  # None: any free port (one node only)
+    cpu_threads: int | None = None  # torch threads on CPU; None: default_cpu_threads()
+
+
+def default_cpu_threads() -> int:
+    """Every core this process may run on but one, at least one. As vLLM's CPU build does, a
+    core is left to the front end (tokenizing, HTTP, the engine's own Python): on a busy or
+    small machine a second OpenMP thread that must wait for a core slows every matmul down."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
 
 
 def engine_options_from(kwargs: dict[str, Any]) -> EngineOptions:
@@ -89,6 +102,8 @@ def resolve_engine_options(options: EngineOptions, config: ModelConfig) -> Engin
             f"max_model_len {options.max_model_len} must be in [2, {longest}] "
             f"(this model's max_position_embeddings)"
         )
+    if options.cpu_threads is not None and (not isinstance(options.cpu_threads, int) or options.cpu_threads < 1):
+        raise ValueError(f"cpu_threads must be a positive integer, got {options.cpu_threads!r}")
     if options.kv_cache_dtype not in KV_CACHE_DTYPES:
         raise ValueError(f"unsupported kv_cache_dtype {options.kv_cache_dtype!r}: use one of {KV_CACHE_DTYPES}")
     if options.kv_cache_tokens is not None and options.kv_cache_tokens < block_size:

@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from herd import LLM, SamplingParams
-from herd.engine.options import choose_block_size
+from herd.engine.options import choose_block_size, default_cpu_threads
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 PROMPT = "Mixture-of-experts models route each token " * 8  # crosses several 60-token chunks
@@ -63,6 +63,7 @@ def test_explicit_block_size_that_does_not_divide_is_refused_before_the_weights(
         ({"block_size": 0}, "block_size must be at least 1"),
         ({"dtype": "int8"}, "unsupported dtype"),
         ({"limit_mm_per_prompt": -1}, "limit_mm_per_prompt"),
+        ({"cpu_threads": 0}, "cpu_threads must be a positive integer"),
     ],
 )
 def test_bad_options_fail_before_the_weights(demo_dir, tmp_path, options, message):
@@ -97,3 +98,22 @@ def test_serve_refuses_image_limits_for_a_text_only_model(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Llama4ForCausalLM"], **text_config()}))
     assert main(["serve", str(tmp_path), "--no-platform", "--limit-mm-per-prompt", '{"image": 2}']) == 2
     assert "no vision tower" in capsys.readouterr().err
+
+
+def test_cpu_threads_default_leaves_a_core_and_the_option_sets_them(demo_dir, monkeypatch):
+    import os
+
+    import torch
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert default_cpu_threads() == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {5})
+    assert default_cpu_threads() == 1
+    before = torch.get_num_threads()
+    try:
+        LLM(str(demo_dir), device="cpu", cpu_threads=1)
+        assert torch.get_num_threads() == 1
+        LLM(str(demo_dir), device="cpu")  # the default: one core left to the front end, at least one
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
