@@ -29,9 +29,9 @@ def _reference(x, ids, scores, gate_up, down):
 @pytest.mark.parametrize(
     "tokens,top_k,experts,skew",
     [
-        (1, 1, 16, False),  # a few rows: each runs its own expert
+        (1, 1, 16, False),  # a few experts with rows: each runs on its own
         (3, 1, 16, False),
-        (40, 1, 8, False),  # bf16: one bmm over all experts padded alike
+        (40, 1, 16, False),  # bf16: one bmm over all experts padded alike
         (40, 2, 16, True),  # skewed routing: per-expert buckets, torch._grouped_mm
         (200, 1, 16, False),
     ],
@@ -42,7 +42,7 @@ def test_grouped_matches_the_per_expert_loop(dtype, tokens, top_k, experts, skew
     g = torch.Generator().manual_seed(1)
     x = torch.randn(tokens, hidden, generator=g).to(dtype)
     if skew:  # half the pairs go to expert 3: uneven groups, some experts empty
-        ids = torch.where(torch.rand(tokens, top_k, generator=g) < 0.5, 3, torch.randint(0, experts // 2, (tokens, top_k), generator=g))
+        ids = torch.where(torch.rand(tokens, top_k, generator=g) < 0.5, 3, torch.randint(0, experts, (tokens, top_k), generator=g))
     else:
         ids = torch.randint(0, experts, (tokens, top_k), generator=g)
     scores = torch.rand(tokens, top_k, generator=g).to(dtype)
@@ -66,7 +66,7 @@ def test_every_cpu_strategy_is_exercised_and_agrees(monkeypatch):
     ref = swiglu_loop(rows, counts.tolist(), gate_up, down).float()
     for limit, few in ((1000, 0), (0, 0), (0, 1000)):
         monkeypatch.setattr(moe, "UNIFORM_PAD_LIMIT", limit)
-        monkeypatch.setattr(moe, "FEW_ROWS", few)
+        monkeypatch.setattr(moe, "FEW_ACTIVE_EXPERTS", few)
         torch.testing.assert_close(grouped_swiglu(rows, counts, gate_up, down).float(), ref, rtol=2e-2, atol=2e-2)
 
 

@@ -14,8 +14,9 @@ How the grouped GEMM runs depends on the device (`grouped_swiglu`):
   new shape (1-2 ms the first time in bf16), and a step's per-expert token counts never repeat
   otherwise. In bf16/fp16, when padding every expert to the largest bucket at most quadruples
   the rows, the experts run as one `bmm` over [E, C, H]; otherwise each expert is padded to its
-  own bucket and `torch._grouped_mm` walks the groups in C++. A handful of rows (decoding one or
-  a few sequences) just run their own experts: any grouped call costs more than that.
+  own bucket and `torch._grouped_mm` walks the groups in C++. When only a few experts have rows
+  (decoding one or a few sequences) those experts just run one after the other: any grouped call
+  costs more than that.
 Numerics are those of the per-expert loop (`swiglu_loop`, kept as the reference): the same
 matmuls per row, only batched.
 """
@@ -84,13 +85,16 @@ def _swiglu(x, gate_up, down, act_quant):
     return q(up * F.silu(gate)) @ down
 
 
-# At most this many (token, expert) rows: one matmul pair per row's expert beats any grouped call
-# on CPU (a grouped GEMM pays a little for every expert, even one with no rows).
-FEW_ROWS = 4
+# At most this many experts with rows (decoding a few sequences): one matmul pair per such expert
+# beats a grouped call on CPU, which pays for every expert, even one with no rows (about 2 us per
+# empty group and matmul: 0.6 ms a layer at 128 experts).
+FEW_ACTIVE_EXPERTS = 8
 # Low-precision CPU matmuls pad all experts to one bucket and run as a single bmm when that at
-# most quadruples the rows: bmm streams the weights in one pass (measured 1.2-1.4x faster than
+# most quadruples the rows of a small batch (at most 1.5x from UNIFORM_PAD_ROWS rows on, where
+# the padding is real work): bmm streams the weights in one pass (measured 1.2-1.4x faster than
 # the grouped walk at 32-256 tokens, bf16); float32 bmm is slower than the walk, so it never pads.
 UNIFORM_PAD_LIMIT = 4
+UNIFORM_PAD_ROWS = 512
 
 
 def grouped_swiglu(
@@ -113,11 +117,13 @@ def grouped_swiglu(
         offs = torch.cumsum(counts, 0).to(torch.int32)
         gate, up = torch._grouped_mm(rows, gate_up, offs=offs).chunk(2, dim=-1)
         return torch._grouped_mm(up * F.silu(gate), down, offs=offs)
-    if n <= FEW_ROWS:
-        return swiglu_loop(rows, counts.tolist(), gate_up, down, act_quant)
+    sizes = counts.tolist()
+    if sum(1 for c in sizes if c) <= FEW_ACTIVE_EXPERTS:
+        return swiglu_loop(rows, sizes, gate_up, down, act_quant)
     num_experts = counts.shape[0]
     capacity = int(bucket_sizes(counts.max()[None])[0])
-    if rows.dtype != torch.float32 and num_experts * capacity <= UNIFORM_PAD_LIMIT * n:
+    limit = UNIFORM_PAD_LIMIT if n < UNIFORM_PAD_ROWS else min(UNIFORM_PAD_LIMIT, 1.5)
+    if rows.dtype != torch.float32 and num_experts * capacity <= limit * n:
         return _uniform_bmm(rows, counts, capacity, gate_up, down, act_quant)
     return _bucketed_grouped(rows, counts, gate_up, down, act_quant)
 
