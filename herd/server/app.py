@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 import herd
-from herd.server import errors
+from herd.server import errors, openapi
 from herd.server.metrics import CONTENT_TYPE
 from herd.server.middleware import HerdMiddleware
 from herd.server.routes import batches, chat, completions, files, models, tokens
@@ -115,4 +115,5 @@ def create_app(engine, options: ServerOptions | None = None, platform=None) -> F
             allow_credentials=options.allow_credentials,
             expose_headers=["X-Request-Id"],
         )
+    openapi.install(app)
     return app
