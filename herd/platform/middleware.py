@@ -34,7 +34,7 @@ from starlette.responses import JSONResponse
 
 from herd.platform.ledger import UsageRecord
 from herd.platform.meter import _current
-from herd.platform.ratelimit import Charge, RateLimited, Snapshot
+from herd.platform.ratelimit import Charge, RateLimited, Snapshot, lock_id
 from herd.platform.service import AuthError, Caller, Platform
 from herd.server.signed_upload import is_signed_upload
 
@@ -124,7 +124,7 @@ class Meter:
             return admitted
 
         try:
-            self.charge, self.snapshot = await p.worker.submit(admit_and_begin)
+            self.charge, self.snapshot = await p.worker.submit(admit_and_begin, lock=lock_id(key_id))
         except RateLimited as e:
             self.refused = True  # not admitted: no ledger row, no request counted
             self.snapshot = e.snapshot

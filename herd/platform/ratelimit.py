@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -50,7 +51,14 @@ _ADD = (
     "tokens = rate_windows.tokens + :t"
 )
 _PRUNE = "DELETE FROM rate_windows WHERE bucket < :first"
-_PG_LOCK = f"SELECT pg_advisory_xact_lock({_PG_LOCK_CLASS}, hashtext(:k))"
+_PG_LOCK = f"SELECT pg_advisory_xact_lock({_PG_LOCK_CLASS}, :lock)"
+
+
+def lock_id(key: object) -> int:
+    """The advisory lock (PostgreSQL) that serialises decisions on `key`: a 32-bit number herd
+    computes itself, so that a transaction deciding for several keys can take their locks in one
+    order (DatabaseWorker sorts by it) and two such transactions never deadlock."""
+    return zlib.crc32(str(key).encode()) - 2**31
 
 
 @dataclass
@@ -168,7 +176,7 @@ class RateLimiter:
         now = self._now(now)
         key = str(key)
         if self.db.dialect == "postgresql":
-            self._run(conn, "lock", {"k": key})
+            self._run(conn, "lock", {"lock": lock_id(key)})
         totals = self._totals(conn, key, now)
         _, requests, used = totals
         if rpm and requests >= rpm:

@@ -35,10 +35,12 @@ Op = Callable[[Connection], Any]
 
 
 class _Item:
-    __slots__ = ("fn", "loop", "future", "ok", "value")
+    __slots__ = ("fn", "loop", "future", "ok", "value", "lock")
 
-    def __init__(self, fn: Op, loop: asyncio.AbstractEventLoop | None, future: asyncio.Future | None):
+    def __init__(self, fn: Op, loop: asyncio.AbstractEventLoop | None, future: asyncio.Future | None,
+                 lock: int | None = None):
         self.fn = fn
+        self.lock = lock
         self.loop = loop
         self.future = future
         self.ok = False
@@ -51,6 +53,10 @@ class _Item:
             raise  # the transaction is broken (PostgreSQL refuses all that follows): retried one by one
         except Exception as e:  # the operation's answer (e.g. RateLimited)
             self.value, self.ok = e, False
+
+
+def _lock_order(item: _Item) -> int:
+    return -(2**32) if item.lock is None else item.lock
 
 
 def _deliver(items: list[_Item]) -> None:
@@ -79,11 +85,14 @@ class DatabaseWorker:
         self._database_errors = (SQLAlchemyError, dbapi.Error)
 
     # -- the event loop's side ------------------------------------------------------------------
-    def submit(self, fn: Op) -> asyncio.Future:
-        """Runs `fn(conn)` in the next transaction; the future holds its result once committed."""
+    def submit(self, fn: Op, *, lock: int | None = None) -> asyncio.Future:
+        """Runs `fn(conn)` in the next transaction; the future holds its result once committed.
+        `lock`: the advisory lock `fn` takes (herd.platform.ratelimit.lock_id): a batch runs its
+        operations in lock order, so that two processes' batches never wait on each other in a
+        cycle (PostgreSQL would break such a deadlock only after a second)."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._put(_Item(fn, loop, future))
+        self._put(_Item(fn, loop, future, lock))
         return future
 
     def post(self, fn: Op) -> None:
@@ -128,6 +137,9 @@ class DatabaseWorker:
                     self._drop_connection()
                     return
                 batch = [self._items.popleft() for _ in range(min(len(self._items), MAX_BATCH))]
+            # Operations of different requests are independent, and one request has one operation
+            # in a batch at most, or unlocked ones (kept in order: the sort is stable).
+            batch.sort(key=_lock_order)
             self._run_batch(batch)
 
     def _connection(self) -> Connection:

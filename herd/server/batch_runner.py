@@ -23,7 +23,7 @@ from herd.platform.batch_config import BatchConfig
 from herd.platform.batches import BatchRecord, BatchStore
 from herd.platform.files import FileStore
 from herd.platform.ledger import UsageRecord
-from herd.platform.ratelimit import RateLimited
+from herd.platform.ratelimit import RateLimited, lock_id
 from herd.server.batch_lines import Line, output_line, read_lines, run_line, usage_of
 
 log = logging.getLogger("herd.batch")
@@ -215,7 +215,8 @@ class BatchRunner:
         while True:
             try:
                 pool_key = f"batch:{b.key_id}"  # the key's batch pool, apart from its interactive window
-                charge, _ = await self.platform.worker.submit(lambda conn: self.pool.admit_in(conn, pool_key, 0, rpm, tpm))
+                charge, _ = await self.platform.worker.submit(
+                    lambda conn: self.pool.admit_in(conn, pool_key, 0, rpm, tpm), lock=lock_id(pool_key))
                 return charge
             except RateLimited as e:
                 try:
