@@ -50,20 +50,32 @@ def response_constraint(req) -> StructuredOutputsParams | None:
 
 def tool_call_constraint(req, names: set[str]) -> StructuredOutputsParams | None:
     """A forced `tool_choice` ("required" or a named function) as a grammar of calls in the JSON
-    form Llama 4's chat template teaches; `parallel_tool_calls: false` allows exactly one call."""
+    form Llama 4's chat template teaches; `parallel_tool_calls: false` allows exactly one call.
+    With "auto" and a tool marked `strict: true`, the reply stays free unless it starts a call,
+    which must then be valid (the arguments of strict tools follow their schema)."""
     choice = req.tool_choice
-    if not req.tools or choice not in ("required",) and not isinstance(choice, dict):
+    if not req.tools or choice == "none":
         return None
+    auto = choice in (None, "auto")
+    if auto and not any(_strict(t) for t in req.tools):
+        return None  # free: the model decides, and a reply that is not a call stays text
     wanted = {choice["function"]["name"]} if isinstance(choice, dict) else names
     functions = []
     for tool in req.tools:
         fn = _function(tool)
         if fn is not None and fn["name"] in wanted and fn["name"] not in {f["name"] for f in functions}:
+            if auto and not _strict(tool):
+                fn["parameters"] = {"type": "object"}  # only strict tools get their arguments checked
             functions.append(fn)
     if not functions:
         raise bad_request("tool_choice needs at least one function in `tools`", param="tools")
     parallel = getattr(req, "parallel_tool_calls", None) is not False
-    return _checked(StructuredOutputsParams(tool_calls={"functions": functions, "parallel": parallel}), "tools")
+    spec = {"functions": functions, "parallel": parallel, "auto": auto}
+    return _checked(StructuredOutputsParams(tool_calls=spec), "tools")
+
+
+def _strict(tool: Any) -> bool:
+    return isinstance(tool, dict) and isinstance(tool.get("function"), dict) and tool["function"].get("strict") is True
 
 
 def _function(tool: Any) -> dict | None:

@@ -65,7 +65,14 @@ def _tool_calls_lark(spec: dict) -> str:
         )
     schema = {"x-guidance": JSON_OPTIONS, **(calls[0] if len(calls) == 1 else {"anyOf": calls})}
     repeat = ' ("; " call)*' if spec.get("parallel", True) else ""
-    return f"start: call{repeat}\ncall: %json {json.dumps(schema)}\n"
+    lines = [f"calls: call{repeat}", f"call: %json {json.dumps(schema)}"]
+    if spec.get("auto"):
+        # Text that does not open a JSON object is free; a reply that does (or a call after
+        # <|python_start|>) must be calls.
+        lines = ["start: TEXT | calls | TEXT? <|python_start|> calls <|python_end|>?", r"TEXT: /[^{][\s\S]*/", *lines]
+    else:
+        lines = ["start: calls", *lines]
+    return "\n".join(lines) + "\n"
 
 
 @lru_cache(maxsize=512)

@@ -10,6 +10,7 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import numpy as np
 import torch
 
 from herd.structured.spec import StructuredOutputsParams
@@ -62,7 +63,6 @@ class GrammarManager:
         self._prepared = None
         self._executor = None
         self._bitmask = torch.empty(0, dtype=torch.int32)
-        self._shifts = torch.arange(32, dtype=torch.int32)
 
     def prepared(self):
         from herd.structured.backend import prepare_tokenizer
@@ -114,15 +114,16 @@ class GrammarManager:
         self._executor.unsafe_compute_mask_ptr(
             [(g.matcher, j) for j, (_, g) in enumerate(rows)], bitmask.data_ptr(), words * 4, len(rows)
         )
+        # Unpacked by numpy (one byte per token, bit order = token order), then one in-place
+        # fill per row: several times cheaper than shifting int32 words in torch.
         vocab = logits.shape[-1]
-        allowed = ((bitmask.unsqueeze(-1) >> self._shifts) & 1).view(len(rows), -1)[:, :vocab].bool()
-        index = torch.tensor([i for i, _ in rows], device=logits.device)
-        masked = logits[index].masked_fill_(~allowed.to(logits.device), float("-inf"))
-        json_rows = [j for j, (_, g) in enumerate(rows) if g.spec.is_json]
-        if json_rows:
-            control = self.prepared().control_token_ids.to(logits.device)
-            masked[torch.tensor(json_rows, device=logits.device)[:, None], control[None, :]] = float("-inf")
-        logits[index] = masked
+        bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=-1, bitorder="little")[:, :vocab]
+        blocked = torch.from_numpy(bits.view(np.bool_)).logical_not_().to(logits.device)
+        control = self.prepared().control_token_ids.to(logits.device)
+        for j, (i, g) in enumerate(rows):
+            logits[i].masked_fill_(blocked[j], float("-inf"))
+            if g.spec.is_json:
+                logits[i, control] = float("-inf")
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

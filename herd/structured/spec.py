@@ -14,8 +14,9 @@ class StructuredOutputsParams:
 
     json: a JSON schema (dict or its JSON text); json_object: any JSON object; regex; choice: the
     output is one of these strings; grammar: Lark or GBNF-style EBNF (`root ::= ...`);
-    tool_calls: herd's own, set by the chat route from `tool_choice`:
-    {"functions": [{"name": ..., "parameters": schema}], "parallel": bool}.
+    tool_calls: herd's own, set by the chat route from `tools` and `tool_choice`:
+    {"functions": [{"name": ..., "parameters": schema}], "parallel": bool, "auto": bool}; with
+    "auto" the reply may be text, and only a reply that starts a call must be a valid call.
     """
 
     json: dict | str | None = None
@@ -50,7 +51,9 @@ class StructuredOutputsParams:
     @property
     def is_json(self) -> bool:
         """JSON output: herd writes it without free whitespace and bans raw control characters."""
-        return self.kind in ("json", "json_object", "tool_calls")
+        if self.kind == "tool_calls":
+            return not self.tool_calls.get("auto")  # free text may hold newlines
+        return self.kind in ("json", "json_object")
 
     @classmethod
     def coerce(cls, value: Any) -> StructuredOutputsParams | None:

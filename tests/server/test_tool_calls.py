@@ -408,6 +408,12 @@ def test_required_and_named_tool_choice_ask_the_engine_for_calls(fake, client):
         assert [f["name"] for f in spec["functions"]] == names and spec["parallel"] is False
     client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS)
     assert fake.params[-1].structured_outputs is None
+    strict = {"type": "function", "function": {**WEATHER["function"], "strict": True}}
+    client.chat.completions.create(model=MODEL, messages=ASK, tools=[strict, SEARCH])
+    spec = fake.params[-1].structured_outputs.tool_calls  # "auto" with a strict tool: a call, once begun, is checked
+    assert spec["auto"] is True and [f["name"] for f in spec["functions"]] == ["get_weather", "search"]
+    assert spec["functions"][0]["parameters"] == WEATHER["function"]["parameters"]
+    assert spec["functions"][1]["parameters"] == {"type": "object"}
 
 
 @pytest.mark.parametrize(

@@ -104,3 +104,28 @@ def test_preemption_keeps_the_matcher_right(demo_dir):
     assert [o.outputs[0].token_ids for o in tight] == [o.outputs[0].token_ids for o in roomy]
     for schema, out in zip(SCHEMAS, tight):
         jsonschema.validate(json.loads(out.outputs[0].text), schema)
+
+
+WEATHER_ARGS = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}}, "required": ["city"],
+                "additionalProperties": False}
+
+
+def test_auto_tool_calls_free_unless_a_call_starts(llm):
+    """tool_choice "auto" with a strict tool: text stays free, but a reply that opens a JSON object
+    must be a valid call (a logit_bias towards "{" makes the random model start one)."""
+    from herd.server.tool_calls import parse_tool_calls
+
+    spec = {"tool_calls": {"functions": [{"name": "get_weather", "parameters": WEATHER_ARGS}], "parallel": False, "auto": True}}
+    brace = llm.tokenizer.encode("{")[0]
+    free, pushed = llm.generate(
+        ["Hello", "Hello"],
+        [SamplingParams(max_tokens=8, temperature=0, structured_outputs=spec),
+         SamplingParams(max_tokens=48, temperature=0, structured_outputs=spec, logit_bias={brace: 40.0})],
+    )
+    alone = llm.generate("Hello", SamplingParams(max_tokens=8, temperature=0))[0]
+    if not alone.outputs[0].text.startswith("{"):
+        assert free.outputs[0].token_ids == alone.outputs[0].token_ids
+    out = pushed.outputs[0]
+    assert out.finish_reason == "stop", out.text
+    [call] = parse_tool_calls(out.text, {"get_weather"})
+    jsonschema.validate(json.loads(call.arguments), WEATHER_ARGS)
