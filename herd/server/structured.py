@@ -21,9 +21,10 @@ def response_constraint(req) -> StructuredOutputsParams | None:
         if fmt is not None and fmt.get("type", "text") != "text":
             raise bad_request("send response_format or structured_outputs, not both", param="structured_outputs")
         try:
-            return _checked(StructuredOutputsParams.coerce(raw), "structured_outputs")
+            spec = StructuredOutputsParams.coerce(raw)
         except (ValueError, TypeError) as e:
             raise bad_request(str(e), param="structured_outputs") from None
+        return _checked(spec, "structured_outputs")
     if fmt is None:
         return None
     kind = fmt.get("type")
@@ -31,8 +32,11 @@ def response_constraint(req) -> StructuredOutputsParams | None:
         return None
     if kind == "json_object":
         schema = fmt.get("schema")  # Together's form carries a schema, and it is enforced
-        spec = StructuredOutputsParams(json=schema) if schema is not None else StructuredOutputsParams(json_object=True)
-        return _checked(spec, "response_format.schema" if schema is not None else "response_format")
+        if schema is None:
+            return _checked(StructuredOutputsParams(json_object=True), "response_format")
+        if not isinstance(schema, (dict, str)):
+            raise bad_request("response_format.schema must be a JSON schema object", param="response_format.schema")
+        return _checked(StructuredOutputsParams(json=schema), "response_format.schema")
     if kind == "json_schema":
         body = fmt.get("json_schema")
         if not isinstance(body, dict):

@@ -85,8 +85,13 @@ def _check(key: str, text: str) -> str:
 def validate(spec: StructuredOutputsParams) -> None:
     """Raises ValueError naming the problem when `spec` cannot be enforced: an invalid schema, a
     schema keyword the library cannot enforce, a regex or grammar it rejects."""
-    text = grammar_text(spec)
-    error = _check(spec.key(), text)
+    try:
+        text = grammar_text(spec)
+        error = _check(spec.key(), text)
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever the library makes of odd input is the client's 400
+        error = str(e) or type(e).__name__
     if error:
         raise ValueError(f"invalid {_WHAT[spec.kind]}: {error.strip()}")
 
