@@ -53,13 +53,13 @@ def text_config(hidden: int, intermediate: int, experts: int, top_k: int) -> Tex
 
 
 def make_layer(cfg: TextConfig, dtype: torch.dtype, device: str = "cpu") -> MoE:
-    g = torch.Generator(device="cpu").manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(0)  # on the GPU: Maverick's experts are 32 GB
     with torch.device("meta"):
         layer = MoE(cfg)
     layer = layer.to_empty(device=device)
     for p in layer.parameters():
         fan_in = p.shape[-2] if p.dim() == 3 else p.shape[-1]
-        p.data = (torch.randn(p.shape, generator=g) / fan_in**0.5).to(device, dtype)
+        p.data = torch.randn(p.shape, generator=g, device=device, dtype=dtype) / fan_in**0.5
     return layer.eval()
 
 

@@ -87,3 +87,18 @@ def test_bucket_sizes_are_few_and_pad_little():
     assert sizes[0] == 0 and (sizes[1:9] == counts[1:9]).all()
     assert (sizes >= counts).all() and (sizes[1:] <= 1.25 * counts[1:] + 1).all()
     assert len(set(sizes.tolist())) <= 50
+
+
+def test_warm_up_runs_every_bucket_shape_once(monkeypatch):
+    """bf16 on CPU: each bucket size of one expert's group and of the all-experts bmm, once."""
+    gate_up, down = _weights(4, 16, 8, torch.bfloat16)
+    seen = []
+    real_bmm = torch.bmm
+    monkeypatch.setattr(moe, "_swiglu", lambda x, gu, dn, q: seen.append(("mm", x.shape[0])))
+    monkeypatch.setattr(torch, "bmm", lambda a, b: seen.append(("bmm", a.shape[1])) or real_bmm(a, b))
+    moe.warm_up(gate_up, down, max_rows=20, max_capacity=10)
+    assert [n for kind, n in seen if kind == "mm"] == [1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20]
+    assert [n for kind, n in seen if kind == "bmm"] == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 10, 10]
+    seen.clear()
+    moe.warm_up(gate_up.float(), down.float())  # float32: nothing to build ahead
+    assert seen == []

@@ -35,6 +35,7 @@ from herd.engine.runner import Runner
 from herd.engine.sampling import SamplingParams
 from herd.engine.scheduler import Scheduler
 from herd.model.attention import CHUNKED, GLOBAL
+from herd.model.llama4 import warm_up_experts
 from herd.model_source import resolve_model_dir  # noqa: F401  (also imported from here)
 from herd.structured.manager import GrammarManager
 from herd.tokenizer import Tokenizer
@@ -145,6 +146,8 @@ class Engine:
             torch.set_flush_denormal(True)
             torch.set_num_threads(options.cpu_threads or default_cpu_threads())
             log.info("CPU: %d torch thread(s) (--cpu-threads)", torch.get_num_threads())
+            if isinstance(model, torch.nn.Module):
+                warm_up_experts(model, options.max_num_batched_tokens)
         bs = options.block_size
         # The cache holds this device's KV heads: model.config is the rank's local config.
         kv_config = getattr(model, "config", text)

@@ -22,7 +22,7 @@ from herd.model.layers import (
     rope_cos_sin,
     rope_inv_freq,
 )
-from herd.model.moe import routed_experts
+from herd.model.moe import routed_experts, warm_up
 
 
 class Attention(nn.Module):
@@ -144,6 +144,15 @@ class Llama4TextModel(nn.Module):
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(hidden, weight)
         return logits.float() if upcast else logits
+
+
+def warm_up_experts(model: nn.Module, max_rows: int) -> None:
+    """Builds the CPU kernels of the routed experts' bucketed shapes before the first request
+    (herd.model.moe.warm_up; all MoE layers share their shapes, so one layer is enough)."""
+    for module in model.modules():
+        if isinstance(module, RoutedExperts):
+            warm_up(module.gate_up_proj, module.down_proj, max_rows=min(max_rows, 512))
+            return
 
 
 def param_count(cfg: TextConfig) -> int:

@@ -181,6 +181,28 @@ def routed_experts(
     return torch.zeros_like(x).index_add_(0, token_of, y.to(x.dtype))
 
 
+def bucket_values(limit: int) -> list[int]:
+    """Every bucket size up to `limit` (see bucket_sizes)."""
+    return sorted(set(bucket_sizes(torch.arange(1, limit + 1)).tolist()))
+
+
+@torch.inference_mode()
+def warm_up(gate_up: torch.Tensor, down: torch.Tensor, max_rows: int = 512, max_capacity: int = 64) -> None:
+    """Runs the CPU matmul shapes the experts will meet once each, at start-up: oneDNN builds a
+    kernel per new shape (1-2 ms each in bf16), a cost that otherwise lands on the first requests
+    of every new size. Every MoE layer of a model has the same shapes: warm one."""
+    if gate_up.is_cuda or gate_up.dtype == torch.float32:
+        return  # CUDA kernels need no per-shape build; float32 (MKL) builds cheaply
+    num_experts, hidden, _ = gate_up.shape
+    for rows in bucket_values(max_rows):  # one expert's group in the grouped walk / the loop
+        x = gate_up.new_zeros(rows, hidden)
+        _swiglu(x, gate_up[0], down[0], None)
+    for capacity in bucket_values(max_capacity):  # every expert padded alike: one bmm
+        x = gate_up.new_zeros(num_experts, capacity, hidden)
+        gate, up = torch.bmm(x, gate_up).chunk(2, dim=-1)
+        torch.bmm(up * F.silu(gate), down)
+
+
 def grouped_mm_works(device: torch.device) -> bool:
     key = str(device)
     if key not in _GROUPED_MM_OK:
