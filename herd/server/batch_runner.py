@@ -147,6 +147,10 @@ class BatchRunner:
 
     async def _validate(self, b: BatchRecord) -> BatchRecord | None:
         lines, errors = await self._read(b)
+        size = self.files.path(b.input_file_id).stat().st_size if not errors else 0
+        if size > self.config.max_file_bytes:
+            errors = [{"code": "file_too_large", "line": None, "param": "input_file_id",
+                       "message": f"the input file has {size} bytes; a batch takes at most {self.config.max_file_bytes}"}]
         if errors:
             await asyncio.to_thread(self.store.transition, b.id, "failed", only_from=("validating",), errors=errors)
             return None
@@ -180,7 +184,7 @@ class BatchRunner:
             if cancelled.is_set():
                 self._release()
                 break
-            if time.time() > b.expires_at:
+            if self.platform.clock() > b.expires_at:  # past the completion window
                 self._release()
                 expired = True
                 break

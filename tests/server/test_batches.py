@@ -302,3 +302,24 @@ def test_runner_holds_back_while_interactive_requests_run(monkeypatch):
         assert runner.running == 2
 
     asyncio.run(scenario())
+
+
+def test_past_its_window_a_batch_expires(engine, tmp_path):
+    """Lines not run when the completion window ends go to the error file as batch_expired;
+    finished ones stay in the output."""
+    with serve(engine, tmp_path, max_in_flight=1) as (url, platform):
+        c = client(url)
+        lines = [chat_line(i, max_tokens=16) for i in range(20)]
+        f = c.files.create(file=write_jsonl(tmp_path / "in.jsonl", lines).open("rb"), purpose="batch")
+        b = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+        assert wait_until(lambda: c.batches.retrieve(b.id).request_counts.completed >= 1, 60, 0.05)
+        platform.clock = lambda: time.time() + 2 * 86400  # two days later
+        b = wait_batch(c, b.id)
+        assert b.status == "expired" and b.expired_at is not None
+        done, failed = b.request_counts.completed, b.request_counts.failed
+        assert done >= 1 and done + failed == 20
+        errors = [json.loads(x) for x in c.files.content(b.error_file_id).text.splitlines()]
+        assert {e["error"]["code"] for e in errors} == {"batch_expired"} and len(errors) == failed
+        assert all(e["response"] is None for e in errors)
+        assert len(batch_rows(platform)) == done  # expired lines cost nothing
+
