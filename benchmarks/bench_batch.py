@@ -161,10 +161,9 @@ def main() -> None:
     p.add_argument("--complete", action="store_true", help="run the first setting's batch to the end")
     args = p.parse_args()
 
-    from herd.engine.engine import AsyncEngine
+    from herd.engine.client import EngineClient
 
-    engine = AsyncEngine.from_pretrained(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs)
-    engine.start()
+    engine = EngineClient.start(args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs)
     name = "bench"
     print(f"# model {engine.model_dir.name}, max_num_seqs {args.max_num_seqs}, {args.lines}-line batch, "
           f"{args.batch_tokens} tokens per line, {args.probes} probes; load: {os.getloadavg()}", flush=True)

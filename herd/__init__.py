@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 
 # Loaded on first use: `herd keys` and `herd usage` should not pay for importing torch.
 _EXPORTS = {
-    "LLM": "herd.engine.engine",
+    "LLM": "herd.llm",
     "RequestOutput": "herd.engine.outputs",
     "CompletionOutput": "herd.engine.outputs",
     "SamplingParams": "herd.engine.sampling",

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
+import threading
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -201,18 +201,10 @@ def cmd_serve(args) -> int:
     except ImportError as e:
         print(f"herd serve needs the server packages ({e.name}): pip install herd", file=sys.stderr)
         return 2
-    from herd.engine.engine import AsyncEngine
+    from herd.engine.client import EngineClient, EngineStartError
 
-    parallel = dict(
-        tensor_parallel_size=args.tensor_parallel_size,
-        enable_expert_parallel=args.enable_expert_parallel,
-        nnodes=args.nnodes,
-        node_rank=args.node_rank,
-        master_addr=args.master_addr,
-        master_port=args.master_port,
-    )
     if _hosts_ranks_only(args):
-        return _serve_headless(args, parallel)
+        return _serve_headless(args, _parallel_options(args))
     platform = None
     if not args.no_platform:
         from herd.platform.config import load_config as load_platform_config
@@ -240,25 +232,22 @@ def cmd_serve(args) -> int:
     model = args.model_dir or args.model
     model_dir = resolve_model_dir(model, revision=args.revision, download_dir=args.download_dir)
     check_image_limits(limits, load_config(model_dir), explicit=args.limit_mm_per_prompt is not None)
-    engine = AsyncEngine.from_pretrained(
-        model_dir,
-        dtype=args.dtype,
-        device=args.device,
-        max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        block_size=args.block_size,
-        kv_cache_tokens=args.kv_cache_tokens,
-        enable_prefix_caching=args.enable_prefix_caching,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        kv_cache_dtype=args.kv_cache_dtype,
-        quantization=args.quantization,
-        **parallel,
-        cpu_threads=args.cpu_threads,
-    )
-    # A dead engine (a tensor-parallel rank failed) ends the server: the streams in flight have
-    # their error events, then uvicorn shuts down and `herd serve` exits non-zero.
-    engine.on_failure = lambda error: os.kill(os.getpid(), signal.SIGTERM)
+    server = None
+    core_died = threading.Event()
+
+    def on_core_death(reason: str) -> None:
+        # Every request in flight has its error already; let them go out, then stop serving so
+        # that a supervisor restarts the whole server (the exit status says it failed).
+        core_died.set()
+        print(f"herd: error: {reason}; shutting down", file=sys.stderr)
+        threading.Timer(0.5, lambda: server is not None and setattr(server, "should_exit", True)).start()
+
+    try:
+        engine = EngineClient.start(model_dir, dtype=args.dtype, device=args.device, on_death=on_core_death,
+                                    **_engine_options(args))
+    except EngineStartError as e:
+        print(f"herd: error: {e}", file=sys.stderr)
+        return 1
     names = args.served_model_name or [served_name(model, model_dir)]  # a Hub model is served by its id
     price_input, price_output = args.price_input, args.price_output
     if platform is not None and not (price_input or price_output):
@@ -283,11 +272,40 @@ def cmd_serve(args) -> int:
     # SIGTERM / Ctrl-C: uvicorn stops accepting, lets in-flight requests finish for up to
     # --shutdown-timeout seconds, cancels the rest (aborting them in the engine), then the app
     # shuts the engine down.
-    _run_gracefully(config)
-    if engine.error is not None:
-        print(f"herd serve: the engine failed: {engine.error}", file=sys.stderr)
-        return 1
-    return 0
+    server = _graceful_server(config)
+    try:
+        server.run()
+    finally:
+        engine.shutdown()
+    return 1 if core_died.is_set() else 0
+
+
+def _engine_options(args) -> dict:
+    """The engine's options from the command line, passed on untouched to the engine core."""
+    return dict(
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size,
+        kv_cache_tokens=args.kv_cache_tokens,
+        enable_prefix_caching=args.enable_prefix_caching,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        kv_cache_dtype=args.kv_cache_dtype,
+        quantization=args.quantization,
+        cpu_threads=args.cpu_threads,
+        **_parallel_options(args),
+    )
+
+
+def _parallel_options(args) -> dict:
+    return dict(
+        tensor_parallel_size=args.tensor_parallel_size,
+        enable_expert_parallel=args.enable_expert_parallel,
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        master_addr=args.master_addr,
+        master_port=args.master_port,
+    )
 
 
 def _hosts_ranks_only(args) -> bool:
@@ -318,7 +336,7 @@ def _serve_headless(args, parallel: dict) -> int:
     return run_headless(model_dir, config, dtype, device, args.quantization, options)
 
 
-def _run_gracefully(config) -> None:
+def _graceful_server(config):
     import uvicorn
 
     class GracefulServer(uvicorn.Server):
@@ -331,7 +349,7 @@ def _run_gracefully(config) -> None:
             if captured and captured[-1] == sig:
                 captured.pop()
 
-    GracefulServer(config).run()
+    return GracefulServer(config)
 
 
 def _read_template(value: str | None) -> str | None:

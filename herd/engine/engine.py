@@ -1,18 +1,15 @@
-"""The engine (requests in, tokens out, one step at a time), and its two front doors:
-LLM (offline, synchronous) and AsyncEngine (a background loop that serves the HTTP API).
-Both drive the same `Engine.step`: there is one generation path.
+"""The engine: requests (token ids and pixels) in, tokens out, one step at a time.
+
+Two doors drive the same `Engine.step` (one generation path): herd.llm.LLM in-process, and the
+engine-core process (herd.engine.core) under `herd serve`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import itertools
 import json
 import logging
-import queue
-import threading
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +39,7 @@ from herd.tokenizer import Tokenizer
 
 log = logging.getLogger("herd.engine")
 
-__all__ = ["AsyncEngine", "CompletionOutput", "Engine", "EngineOptions", "LLM", "RequestOutput"]
+__all__ = ["CompletionOutput", "Engine", "EngineOptions", "EngineStats", "PromptLimits", "RequestOutput"]
 
 
 CPU_KV_CACHE_BYTES = 2**30  # the default KV-cache budget on CPU (--kv-cache-tokens overrides)
@@ -58,6 +55,36 @@ class EngineStats:
     prefix_queries: int  # prompt tokens looked up in the prefix cache
     prefix_hits: int  # of which were found
     num_preemptions: int
+
+
+@dataclass
+class PromptLimits:
+    """What a prompt must fit, as plain data: the API server checks prompts with these before
+    sending them to the engine-core process (and the engine checks them again)."""
+
+    vocab_size: int
+    max_model_len: int
+    kv_capacity: int | None  # tokens the global KV pool holds; None when no layer keeps them all
+
+    def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raises ValueError with a clear message for a request the engine cannot take."""
+        vocab = self.vocab_size
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.max_model_len} tokens"
+            )
+        if self.kv_capacity is not None and len(prompt_ids) + 1 > self.kv_capacity:
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the KV cache holds {self.kv_capacity}")
+        if params.logit_bias and any(not 0 <= int(t) < vocab for t in params.logit_bias):
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
+        if params.structured_outputs is not None:
+            from herd.structured.grammars import validate
+
+            validate(params.structured_outputs)  # a bad schema, regex or grammar: refused now
 
 
 def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig, device: torch.device) -> torch.dtype:
@@ -166,6 +193,11 @@ class Engine:
         # Structured outputs: the vocabulary is prepared on first use, grammars compile off the loop.
         self.grammars = GrammarManager(tokenizer, text.vocab_size, self.eos_ids)
         self.runner = (executor or Runner)(model, self.cache, device, grammars=self.grammars)
+        global_pool = self.cache.pools.get(GLOBAL)
+        self.limits = PromptLimits(
+            text.vocab_size, self.max_model_len,
+            global_pool.num_blocks * self.cache.block_size if global_pool is not None else None,
+        )
         self._groups: dict[str, _Group] = {}
         self._group_of: dict[str, _Group] = {}  # sequence request id -> its group
         self._ids = itertools.count()
@@ -189,25 +221,7 @@ class Engine:
 
     def check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raises ValueError with a clear message for a request the engine cannot take."""
-        vocab = self.config.text.vocab_size
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
-        if len(prompt_ids) >= self.max_model_len:
-            raise ValueError(
-                f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.max_model_len} tokens"
-            )
-        if GLOBAL in self.cache.pools:
-            capacity = self.cache.pools[GLOBAL].num_blocks * self.cache.block_size
-            if len(prompt_ids) + 1 > capacity:
-                raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the KV cache holds {capacity}")
-        if params.logit_bias and any(not 0 <= int(t) < vocab for t in params.logit_bias):
-            raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
-        if params.structured_outputs is not None:
-            from herd.structured.grammars import validate
-
-            validate(params.structured_outputs)  # a bad schema, regex or grammar: refused now
+        self.limits.check(prompt_ids, params)
 
     def add_request(
         self,
@@ -401,272 +415,3 @@ def _load_engine(model, dtype, device, engine_options) -> Engine:
 
         engine.runner.vision_model = load_vision_model(model_dir, config, torch_dtype, device)
     return engine
-
-
-class LLM:
-    """Offline generation: `LLM(model_dir).generate(prompts, SamplingParams(...))`."""
-
-    def __init__(
-        self,
-        model: str | Path | None = None,
-        *,
-        dtype: str | torch.dtype = "auto",
-        device: str | torch.device | None = None,
-        limit_mm_per_prompt: int = 5,
-        allow_private_image_urls: bool = False,
-        **engine_options: Any,
-    ):
-        if not isinstance(limit_mm_per_prompt, int) or limit_mm_per_prompt < 0:
-            raise ValueError(f"limit_mm_per_prompt must be a non-negative integer, got {limit_mm_per_prompt!r}")
-        self.engine = _load_engine(model, dtype, device, engine_options)
-        self.limit_mm_per_prompt = limit_mm_per_prompt
-        self.allow_private_image_urls = allow_private_image_urls
-        self.model_dir = self.engine.model_dir
-        self.config = self.engine.config
-        self.tokenizer = self.engine.tokenizer
-        self.device = self.engine.device
-        self.model = self.engine.runner.model
-
-    def close(self) -> None:
-        """Stops the worker processes of a tensor-parallel engine (a no-op on one device)."""
-        self.engine.close()
-
-    def __enter__(self) -> LLM:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def generate(
-        self,
-        prompts: str | list[int] | list[str | list[int]],
-        params: SamplingParams | list[SamplingParams] | None = None,
-    ) -> list[RequestOutput]:
-        """One result per prompt, in order. A prompt is a string or a list of token ids;
-        `params` is one SamplingParams for all prompts or a list with one per prompt."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        all_params = params if isinstance(params, list) else [params] * len(prompts)
-        if len(all_params) != len(prompts):
-            raise ValueError(f"{len(all_params)} SamplingParams for {len(prompts)} prompts")
-        requests = []
-        for prompt, p in zip(prompts, all_params):
-            if isinstance(prompt, str):
-                ids = self.tokenizer.encode(prompt, add_special_tokens=True)  # the tokenizer's own BOS rule
-                requests.append((ids, p, prompt))
-            else:
-                requests.append((list(prompt), p, None))
-        return self._run(requests)
-
-    def chat(
-        self,
-        messages: list[dict] | list[list[dict]],
-        params: SamplingParams | list[SamplingParams] | None = None,
-        *,
-        tools: list[dict] | None = None,
-        add_generation_prompt: bool = True,
-        continue_final_message: bool = False,
-        chat_template: str | None = None,
-        chat_template_kwargs: dict | None = None,
-    ) -> list[RequestOutput]:
-        """One result per conversation; a single conversation is a list of message dicts.
-
-        Messages take the OpenAI form, images included: content parts
-        `{"type": "image_url", "image_url": {"url": "data:image/png;base64,..." or "https://..."}}`
-        (or `{"type": "image", "image": <PIL image or bytes>}`).
-        """
-        from herd.chat_prompt import ImageOptions, build_chat_prompt
-
-        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        all_params = params if isinstance(params, list) else [params] * len(conversations)
-        options = ImageOptions(
-            limit_per_prompt=self.limit_mm_per_prompt, allow_private_urls=self.allow_private_image_urls
-        )
-        requests = []
-        for conversation, p in zip(conversations, all_params):
-            chat = build_chat_prompt(
-                self.tokenizer,
-                self.config,
-                conversation,
-                options=options,
-                model_dir=self.model_dir,  # the checkpoint's image-processor settings
-                tools=tools,
-                add_generation_prompt=add_generation_prompt and not continue_final_message,
-                continue_final_message=continue_final_message,
-                template=chat_template,
-                **(chat_template_kwargs or {}),
-            )
-            requests.append((chat.prompt_ids, p, None, chat.images))
-        return self._run(requests)
-
-    def _run(self, requests: list[tuple]) -> list[RequestOutput]:
-        ids = []
-        final: dict[str, RequestOutput] = {}
-        try:
-            for prompt_ids, params, prompt, *images in requests:
-                ids.append(self.engine.add_request(prompt_ids, params, prompt=prompt, images=images[0] if images else None))
-            while len(final) < len(ids):
-                for out in self.engine.step():
-                    if out.finished:
-                        final[out.request_id] = out
-                if not self.engine.has_unfinished() and len(final) < len(ids):
-                    raise RuntimeError("the engine stopped with requests unfinished")
-        except BaseException:
-            for rid in ids:
-                self.engine.abort(rid)
-            raise
-        return [final[rid] for rid in ids]
-
-
-class AsyncEngine:
-    """Runs the engine loop in a background thread; coroutines submit requests and stream results.
-
-    The loop thread is the only one that touches the engine: submissions and aborts reach it
-    through a queue, and results come back to each request's asyncio queue.
-    """
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self.model_dir = engine.model_dir
-        self.config = engine.config
-        self.tokenizer = engine.tokenizer
-        self.max_model_len = engine.max_model_len
-        self._commands: queue.Queue = queue.Queue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._thread: threading.Thread | None = None
-        self._stopping = threading.Event()
-        self._stats = engine.stats()
-        self.error: BaseException | None = None
-        # Called (from the loop thread) when the engine dies, e.g. a tensor-parallel rank failed;
-        # `herd serve` sets it to shut the server down with a non-zero status.
-        self.on_failure = None
-
-    @classmethod
-    def from_pretrained(
-        cls, model: str | Path | None = None, *, dtype="auto", device=None, **engine_options
-    ) -> AsyncEngine:
-        return cls(_load_engine(model, dtype, device, engine_options))
-
-    def default_params(self, **overrides: Any) -> SamplingParams:
-        return self.engine.default_params(**overrides)
-
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="herd-engine", daemon=True)
-            self._thread.start()
-
-    def shutdown(self, timeout: float = 10.0) -> None:
-        self._stopping.set()
-        self._commands.put(("wake", None))
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-        self.engine.close()
-
-    @property
-    def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self.error is None
-
-    def stats(self) -> EngineStats:
-        return self._stats
-
-    async def generate(
-        self,
-        prompt_ids: list[int],
-        params: SamplingParams,
-        request_id: str,
-        prompt: str | None = None,
-        images: list[ImageInput] | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        """Streams outputs (with deltas) until the last, which has finished=True.
-
-        Raises ValueError before the first output for a request the engine cannot take. If the
-        consumer stops early (client gone, task cancelled), the request is aborted at once.
-        """
-        if not self.is_running:
-            raise RuntimeError("the engine is not running")
-        self.engine.check_prompt(prompt_ids, params)
-        if request_id in self._streams:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        loop = asyncio.get_running_loop()
-        stream: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (loop, stream)
-        if self.error is not None:  # the loop died after the check above: nothing would answer
-            self._streams.pop(request_id, None)
-            raise RuntimeError(f"the engine is not running: {self.error}")
-        self._commands.put(("add", (prompt_ids, params, request_id, prompt, images)))
-        finished = False
-        try:
-            while True:
-                item = await stream.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finished:
-                    finished = True
-                    return
-        finally:
-            self._streams.pop(request_id, None)
-            if not finished:
-                self.abort(request_id)
-
-    def abort(self, request_id: str) -> None:
-        self._commands.put(("abort", request_id))
-
-    # -- the loop thread ---------------------------------------------------------------------
-    def _deliver(self, request_id: str, item) -> None:
-        target = self._streams.get(request_id)
-        if target is not None:
-            loop, stream = target
-            loop.call_soon_threadsafe(stream.put_nowait, item)
-
-    def _handle(self, command: str, payload) -> None:
-        if command == "add":
-            prompt_ids, params, request_id, prompt, images = payload
-            try:
-                self.engine.add_request(prompt_ids, params, request_id, prompt, images)
-            except ValueError as e:
-                self._deliver(request_id, e)
-            except Exception as e:  # never let one request take the loop down
-                log.exception("could not add request %s", request_id)
-                self._deliver(request_id, RuntimeError(f"the request could not be started: {e}"))
-        elif command == "abort":
-            self.engine.abort(payload)
-
-    def _loop(self) -> None:
-        try:
-            while not self._stopping.is_set():
-                # Block for work when idle; otherwise drain what arrived and take a step.
-                block = not self.engine.has_unfinished()
-                try:
-                    command, payload = self._commands.get(block=block, timeout=0.5 if block else None)
-                    self._handle(command, payload)
-                    while True:
-                        command, payload = self._commands.get_nowait()
-                        self._handle(command, payload)
-                except queue.Empty:
-                    pass
-                self.engine.check_alive()
-                if self.engine.has_unfinished():
-                    try:
-                        outputs = self.engine.step()
-                    except Exception as e:
-                        if getattr(e, "fatal", False):
-                            raise  # the engine cannot go on: fail everything below
-                        # A failed step (e.g. out of memory on a huge batch) fails the requests in
-                        # flight, frees their blocks, and the loop goes on serving new ones.
-                        log.exception("engine step failed; aborting the requests in flight")
-                        outputs = []
-                        for request_id in self.engine.active_request_ids():
-                            self.engine.abort(request_id)
-                            self._deliver(request_id, RuntimeError(f"the engine step failed: {e}"))
-                    for out in outputs:
-                        self._deliver(out.request_id, out)
-                self._stats = self.engine.stats()
-        except BaseException as e:  # a bug in the engine: fail every open stream, loudly
-            self.error = e
-            for request_id in list(self._streams):
-                self._deliver(request_id, RuntimeError(f"engine failure: {e}"))
-            if self.on_failure is not None:
-                self.on_failure(e)
-            raise

@@ -31,8 +31,9 @@ def _exact_floats_in_this_thread() -> None:
 
 
 def create_app(engine, options: ServerOptions | None = None, platform=None) -> FastAPI:
-    """`engine` is a loaded AsyncEngine. With options.owns_engine the app starts it on startup
-    and shuts it down on shutdown; otherwise the caller does (tests share one engine).
+    """`engine` is a running EngineClient (herd.engine.client). With options.owns_engine the app
+    shuts it (and its engine-core process) down on shutdown; otherwise the caller does (tests share
+    one engine).
     `platform` (a herd.platform.service.Platform) adds API keys, rate limits and the usage ledger."""
     options = options or ServerOptions()
     state = ServerState(engine, options)
@@ -44,7 +45,6 @@ def create_app(engine, options: ServerOptions | None = None, platform=None) -> F
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        engine.start()
         # The engine flushes subnormal floats to zero for fast CPU matmuls, a per-thread setting
         # that threads inherit; its own thread keeps it, but request validation here must not
         # read a tiny positive value (top_p 5e-324) as zero.

@@ -23,19 +23,18 @@ def run_batch_file(args) -> int:
             where = f"line {e['line']}: " if e["line"] else ""
             print(f"herd batch run: {where}{e['code']}: {e['message']}", file=sys.stderr)
         return 2
-    from herd.engine.engine import AsyncEngine
+    from herd.engine.client import EngineClient
     from herd.server.state import ServerOptions, ServerState
 
-    engine = AsyncEngine.from_pretrained(
+    engine = EngineClient.start(  # the engine core in its own process, as under `herd serve`
         args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_tokens=args.kv_cache_tokens,
     )
     # The lines' model name is whatever they call the one checkpoint this run loaded.
     named = next((ln.body["model"] for ln in lines if isinstance(ln.body.get("model"), str)), None)
-    st = ServerState(engine, ServerOptions(served_model_names=[named] if named else []))
-    engine.start()
     try:
+        st = ServerState(engine, ServerOptions(served_model_names=[named] if named else []))
         results = asyncio.run(_run_all(st, lines, args.max_in_flight or 2 * args.max_num_seqs, not args.no_progress))
     finally:
         engine.shutdown()

@@ -85,7 +85,7 @@ class ServerState:
         self.created = int(time.time())
         self.metrics = Metrics(engine, self.model_name)
         self.token_text = TokenText(engine.tokenizer)
-        max_num_seqs = engine.engine.options.max_num_seqs
+        max_num_seqs = engine.max_num_seqs
         self.max_pending = options.max_pending_requests or 4 * max_num_seqs
         self.pending = 0
         self.pending_lock = threading.Lock()
@@ -95,7 +95,7 @@ class ServerState:
         self.tokenizer_process = TokenizerProcess(self.tokenizer)
         self.tokenizer.max_token_chars  # computed now (about a second of GIL), not on a request
         # Checkpoints with a vision tower take image parts; others refuse them clearly.
-        self.accepts_images = getattr(engine.engine.runner, "vision_model", None) is not None
+        self.accepts_images = engine.accepts_images
 
     # -- checks ---------------------------------------------------------------------------
     def check_model(self, model: str | None) -> None:
@@ -131,7 +131,7 @@ class ServerState:
 
     def check_prompt(self, prompt_ids: list[int], params: SamplingParams, param: str) -> None:
         try:
-            self.engine.engine.check_prompt(prompt_ids, params)
+            self.engine.check_prompt(prompt_ids, params)
         except ValueError as e:
             message = str(e)
             raise bad_request(message, param="logit_bias" if "logit_bias" in message else param) from None

@@ -22,10 +22,9 @@ STOP_TOKENS = ("200001", "200007", "200008")  # <|end_of_text|>, <|eom|>, <|eot|
 
 @pytest.fixture(scope="module")
 def engine(demo_dir):
-    from herd.engine.engine import AsyncEngine
+    from herd.engine.client import EngineClient
 
-    eng = AsyncEngine.from_pretrained(demo_dir, dtype="float32", max_num_seqs=32)
-    eng.start()
+    eng = EngineClient.start(demo_dir, dtype="float32", max_num_seqs=32)
     yield eng
     eng.shutdown()
 

@@ -1,5 +1,6 @@
-"""One engine (the demo checkpoint in float32) for all server tests; each test module starts its
-own uvicorn server on a free port, in a thread, sharing that engine."""
+"""One engine (the demo checkpoint in float32, in its own engine-core process, as under `herd
+serve`) for all server tests; each test module starts its own uvicorn server on a free port, in a
+thread, sharing that engine."""
 
 from __future__ import annotations
 
@@ -17,10 +18,9 @@ MAVERICK = "meta-llama/Llama-4-Maverick-17B-128E-Instruct-FP8"
 
 @pytest.fixture(scope="session")
 def engine(demo_dir):
-    from herd.engine.engine import AsyncEngine
+    from herd.engine.client import EngineClient
 
-    eng = AsyncEngine.from_pretrained(demo_dir, dtype="float32", max_num_seqs=64)
-    eng.start()
+    eng = EngineClient.start(demo_dir, dtype="float32", max_num_seqs=64)  # its own engine-core process
     yield eng
     eng.shutdown()
 

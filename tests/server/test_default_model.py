@@ -13,11 +13,10 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def default_url():
-    from herd.engine.engine import AsyncEngine
+    from herd.engine.client import EngineClient
     from herd.server import ServerOptions, create_app
 
-    engine = AsyncEngine.from_pretrained(None, dtype="float32")  # no model given: the default
-    engine.start()
+    engine = EngineClient.start(None, dtype="float32")  # no model given: the default
     try:
         with running_server(create_app(engine, ServerOptions(owns_engine=False))) as url:
             yield url

@@ -1,7 +1,7 @@
 """Tool calls: the parser (herd/server/tool_calls.py) and chat completions that return them.
 
 The demo checkpoint's random weights never call a tool, so the end-to-end tests serve a scripted
-engine: the real AsyncEngine (tokenizer, limits, chat template) whose generate() yields a fixed
+engine: the real EngineClient (tokenizer, limits, chat template) whose generate() yields a fixed
 reply, piece by piece, as RequestOutputs with deltas, just like the engine does.
 """
 
@@ -229,7 +229,7 @@ def test_demo_tokenizer_shows_python_tags_only_when_not_skipping_specials(engine
 
 
 class ScriptedEngine:
-    """The real AsyncEngine, except that generate() streams `reply` (a list of text pieces).
+    """The real EngineClient, except that generate() streams `reply` (a list of text pieces).
 
     Like the engine, special-token strings are left out of the text when the request's
     skip_special_tokens is set. Each piece counts as one token (ids 1000, 1001, ...)."""
@@ -244,7 +244,7 @@ class ScriptedEngine:
         return getattr(self._real, name)
 
     async def generate(self, prompt_ids, params, request_id, prompt=None, images=None):
-        self._real.engine.check_prompt(prompt_ids, params)
+        self._real.check_prompt(prompt_ids, params)
         self.params.append(params)
         pieces = list(self.reply)
         if params.skip_special_tokens:

@@ -7,7 +7,7 @@ import re
 import jsonschema
 import pytest
 
-from herd.engine.engine import LLM
+from herd import LLM
 from herd.engine.sampling import SamplingParams
 from tests.structured.schemas import SCHEMAS
 

@@ -1,0 +1,173 @@
+"""EngineClient and the engine-core process: concurrent streams equal to the offline engine,
+stop strings, aborts that free KV blocks, refusals before streaming, start-up failures that say
+why; EngineCore's failing step (in-process, no transport); image pixels as raw frames."""
+
+import asyncio
+import json
+
+import pytest
+import torch
+
+from herd import LLM, SamplingParams
+from herd.engine import messages as m
+from herd.engine.client import EngineClient, EngineStartError
+from herd.engine.request import ImageInput
+
+GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engine(demo_dir):
+    e = EngineClient.start(str(demo_dir), dtype="float32", device="cpu")
+    yield e
+    e.shutdown()
+
+
+def _prompt(engine, text):
+    return engine.tokenizer.apply_chat_template([{"role": "user", "content": text}])
+
+
+async def _collect(engine, prompt, params, request_id):
+    deltas, last = [], None
+    async for out in engine.generate(prompt, params, request_id):
+        deltas.append(out.outputs[0].delta_text)
+        last = out
+    return "".join(deltas), last
+
+
+def test_concurrent_streams_equal_offline(engine, demo_dir):
+    texts = [f"Question number {i}: " + "why? " * i for i in range(8)]
+    prompts = [_prompt(engine, t) for t in texts]
+    with_logprobs = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=2, n=2)
+
+    async def run_all():
+        streams = [_collect(engine, p, GREEDY, f"r{i}") for i, p in enumerate(prompts)]
+        streams.append(_collect(engine, prompts[0], with_logprobs, "lp"))
+        return await asyncio.gather(*streams)
+
+    results = asyncio.run(run_all())
+    llm = LLM(str(demo_dir), dtype="float32", device="cpu")
+    offline = llm.generate(prompts, GREEDY)
+    for (streamed, last), ref in zip(results, offline):
+        assert last.finished and last.outputs[0].token_ids == ref.outputs[0].token_ids
+        assert streamed == last.outputs[0].text == ref.outputs[0].text
+    last, ref = results[-1][1], llm.generate(prompts[0], with_logprobs)[0]
+    assert [o.token_ids for o in last.outputs] == [o.token_ids for o in ref.outputs]
+    for got, want in zip(last.outputs, ref.outputs):
+        assert len(got.logprobs) == 16 and got.logprobs[0].keys() == want.logprobs[0].keys()
+        assert all(abs(got.logprobs[0][t] - want.logprobs[0][t]) < 1e-4 for t in want.logprobs[0])
+
+
+def test_prompt_logprobs_arrive_once(engine):
+    prompt = _prompt(engine, "echo me")
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, prompt_logprobs=1)
+    _, last = asyncio.run(_collect(engine, prompt, params, "echo"))
+    assert len(last.prompt_logprobs) == len(prompt) and last.prompt_logprobs[0] is None
+    assert all(isinstance(p, dict) and p for p in last.prompt_logprobs[1:])
+
+
+def test_stop_string_never_leaks_into_deltas(engine):
+    prompt = _prompt(engine, "tell me something")
+    full = asyncio.run(_collect(engine, prompt, GREEDY, "full"))[1].outputs[0].text
+    stop = full[4:7]
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, stop=[stop])
+    streamed, last = asyncio.run(_collect(engine, prompt, params, "stopped"))
+    assert last.outputs[0].finish_reason == "stop"
+    assert streamed == full[: full.find(stop)] and stop not in streamed
+
+
+def test_breaking_out_aborts_and_frees_blocks(engine):
+    prompt = _prompt(engine, "a long answer please")
+    params = SamplingParams(max_tokens=2000, temperature=0, ignore_eos=True)
+
+    async def scenario():
+        async for out in engine.generate(prompt, params, "leaver"):
+            if len(out.outputs[0].token_ids) >= 3:
+                assert engine.stats().kv_blocks_used > 0
+                break  # the client went away
+        for _ in range(200):
+            stats = engine.stats()
+            if stats.kv_blocks_used == 0 and stats.num_running == 0:
+                return True
+            await asyncio.sleep(0.02)
+        return False
+
+    assert asyncio.run(scenario())
+
+
+def test_invalid_requests_raise_before_streaming(engine):
+    async def run(prompt, params):
+        async for _ in engine.generate(prompt, params, "bad"):
+            pass
+
+    with pytest.raises(ValueError, match="empty"):
+        asyncio.run(run([], GREEDY))
+    with pytest.raises(ValueError, match="logit_bias"):
+        asyncio.run(run([1, 2], SamplingParams(logit_bias={10**9: 1.0})))
+    assert engine.is_running
+
+
+def test_generation_config_defaults(engine):
+    params = engine.default_params()
+    assert params.temperature == 0.6 and params.top_p == 0.9 and params.max_tokens == 64
+    assert engine.default_params(temperature=0.0).temperature == 0.0
+
+
+def test_duplicate_request_ids_are_refused(engine):
+    prompt = _prompt(engine, "twice")
+    params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+
+    async def scenario():
+        first = engine.generate(prompt, params, "same-id")
+        await first.__anext__()
+        with pytest.raises(ValueError, match="already in use"):
+            await engine.generate(prompt, params, "same-id").__anext__()
+        await first.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_load_error_reaches_the_caller(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama4", "text_config": {}}))
+    with pytest.raises(EngineStartError, match="could not start"):
+        EngineClient.start(str(tmp_path), dtype="float32", startup_timeout=120)
+
+
+def test_a_failing_step_fails_its_requests_not_the_core(demo_dir):
+    from herd.engine.core import EngineCore
+    from herd.engine.engine import _load_engine
+
+    core = EngineCore(_load_engine(str(demo_dir), "float32", "cpu", {}))
+    core.clients.add(b"api")
+    prompt = core.engine.tokenizer.apply_chat_template([{"role": "user", "content": "hello"}])
+    runner = core.engine.runner
+    real_execute = runner.execute
+
+    def broken(batch):
+        runner.execute = real_execute  # fail once, as an out-of-memory step would
+        raise RuntimeError("simulated out of memory")
+
+    runner.execute = broken
+    core.add(b"api", m.AddRequest("doomed", prompt, GREEDY), [])
+    core.step()
+    [(client, message)] = core.take_messages()
+    assert client == b"api" and [(e.request_id, e.invalid) for e in message.errors] == [("doomed", False)]
+    assert "simulated out of memory" in message.errors[0].message and message.stats.kv_blocks_used == 0
+    core.add(b"api", m.AddRequest("after", prompt, GREEDY), [])
+    tokens = []
+    while core.engine.has_unfinished():
+        core.step()
+        for _, message in core.take_messages():
+            tokens += [t for d in message.outputs for s in d.seqs for t in s.token_ids]
+    assert len(tokens) == GREEDY.max_tokens
+
+
+def test_pixels_travel_as_raw_frames():
+    pixels = torch.randn(2, 3, 8, 8)
+    metas, frames = m.image_frames([ImageInput(pixels, b"hash", [3, 4, 5])])
+    body = m.encoder.encode(m.AddRequest("r", [1, 2], GREEDY, None, metas))
+    assert len(body) < 400 < pixels.numel() * 4 == len(frames[0])  # the pixels are not in the msgpack body
+    request = m.add_decoder.decode(body)
+    [image] = m.images_from_frames(request.images, [bytes(f) for f in frames])
+    assert torch.equal(image.pixel_values, pixels) and image.patch_positions == [3, 4, 5]
+    assert image.content_hash == b"hash" and request.params == GREEDY
