@@ -82,6 +82,14 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds in-flight requests get to finish before they are aborted")
     p.add_argument("--uvicorn-log-level", default="info")
+    p.add_argument("--api-server-count", type=int, default=1,
+                   help="HTTP server processes on the one port, in front of one engine core (for when one "
+                        "process cannot parse and stream fast enough)")
+    # Set by the --api-server-count supervisor for the API servers it starts.
+    p.add_argument("--engine-address", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--engine-pid", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--supervisor-pid", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--fd", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def _sampling(args):
@@ -211,6 +219,10 @@ def cmd_serve(args) -> int:
         from herd.platform.service import Platform
 
         platform = Platform(load_platform_config(args.config), require_api_key=True if args.require_api_key else None)
+        if args.engine_address is not None:
+            # One of --api-server-count processes: the supervisor already closed the rows a
+            # crash left running; here they may be a sibling's requests in flight.
+            platform.recover_on_start = False
     from herd.config import load_config
     from herd.model_source import resolve_model_dir, served_name
     from herd.engine.options import check_image_limits
@@ -232,6 +244,16 @@ def cmd_serve(args) -> int:
     model = args.model_dir or args.model
     model_dir = resolve_model_dir(model, revision=args.revision, download_dir=args.download_dir)
     check_image_limits(limits, load_config(model_dir), explicit=args.limit_mm_per_prompt is not None)
+    if args.api_server_count < 1:
+        raise ValueError(f"--api-server-count must be at least 1, got {args.api_server_count}")
+    if args.api_server_count > 1 and args.engine_address is None:
+        from herd.server.processes import serve_many
+
+        if platform is not None:
+            platform.start()  # once, before any API server serves
+            platform.close()
+        argv = args.argv[args.argv.index("serve") + 1 :]
+        return serve_many(args, argv, model_dir, _engine_options(args))
     server = None
     core_died = threading.Event()
 
@@ -243,8 +265,14 @@ def cmd_serve(args) -> int:
         threading.Timer(0.5, lambda: server is not None and setattr(server, "should_exit", True)).start()
 
     try:
-        engine = EngineClient.start(model_dir, dtype=args.dtype, device=args.device, on_death=on_core_death,
-                                    **_engine_options(args))
+        if args.engine_address is not None:  # one of several API servers in front of a shared core
+            from herd.server.processes import attach_to_supervisor
+
+            attach_to_supervisor(args.supervisor_pid)
+            engine = EngineClient(args.engine_address, core_pid=args.engine_pid, on_death=on_core_death)
+        else:
+            engine = EngineClient.start(model_dir, dtype=args.dtype, device=args.device, on_death=on_core_death,
+                                        **_engine_options(args))
     except EngineStartError as e:
         print(f"herd: error: {e}", file=sys.stderr)
         return 1
@@ -274,7 +302,12 @@ def cmd_serve(args) -> int:
     # shuts the engine down.
     server = _graceful_server(config)
     try:
-        server.run()
+        if args.fd is not None:  # the listening socket the supervisor opened, shared by its API servers
+            import socket
+
+            server.run(sockets=[socket.socket(fileno=args.fd)])
+        else:
+            server.run()
     finally:
         engine.shutdown()
     return 1 if core_died.is_set() else 0
@@ -462,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in ("serve", "generate", "chat"):
         _show_herd_logs()
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError) as e:

@@ -87,6 +87,44 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
+def handshake(sock, process: subprocess.Popen | None, core_pid: int | None, timeout: float | None) -> m.ReadyInfo:
+    """Says hello on `sock` (a DEALER connected to the core) and waits for READY while the core
+    process lives; its FAILED answer (or its death) is an EngineStartError."""
+    sock.send(m.HELLO)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        if sock.poll(100):
+            kind, *rest = sock.recv_multipart()
+            if kind == m.READY:
+                return m.ready_decoder.decode(rest[0])
+            if kind == m.FAILED:
+                raise EngineStartError(f"the engine could not start: {m.text_decoder.decode(rest[0])}")
+        if process is not None and process.poll() is not None:
+            raise EngineStartError(
+                f"the engine-core process exited with status {process.returncode} while starting "
+                "(its log above says why)"
+            )
+        if core_pid is not None and not pid_alive(core_pid):
+            raise EngineStartError("the engine-core process is gone")
+        if deadline is not None and time.monotonic() > deadline:
+            raise EngineStartError(f"the engine core did not answer within {timeout:.0f} s")
+
+
+def wait_until_ready(address: str, process: subprocess.Popen, timeout: float | None = None) -> m.ReadyInfo:
+    """For a supervisor that starts the core for other processes: returns once the model is loaded."""
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 500)
+    try:
+        sock.connect(address)
+        info = handshake(sock, process, None, timeout)
+        sock.send(m.BYE)
+        return info
+    finally:
+        sock.close()
+        context.term()
+
+
 class _Accumulator:
     """Adds up one request's deltas into the RequestOutput the routes know (cumulative text,
     tokens and logprobs, plus this step's deltas)."""
@@ -152,7 +190,7 @@ class EngineClient:
         self._core.setsockopt(zmq.LINGER, 0)
         self._core.connect(address)
         try:
-            self.info = self._handshake(core_pid, startup_timeout)
+            self.info = handshake(self._core, process, core_pid, startup_timeout)
         except BaseException:
             self._stop_process()
             self._core.close()
@@ -190,26 +228,6 @@ class EngineClient:
         is loaded. A core that cannot load the model raises EngineStartError with its reason."""
         process, address, folder = start_core_process(model, dtype, device, **engine_options)
         return cls(address, process=process, folder=folder, on_death=on_death, startup_timeout=startup_timeout)
-
-    def _handshake(self, core_pid: int | None, timeout: float | None) -> m.ReadyInfo:
-        self._core.send(m.HELLO)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            if self._core.poll(100):
-                kind, *rest = self._core.recv_multipart()
-                if kind == m.READY:
-                    return m.ready_decoder.decode(rest[0])
-                if kind == m.FAILED:
-                    raise EngineStartError(f"the engine could not start: {m.text_decoder.decode(rest[0])}")
-            if self.process is not None and self.process.poll() is not None:
-                raise EngineStartError(
-                    f"the engine-core process exited with status {self.process.returncode} while starting "
-                    "(its log above says why)"
-                )
-            if core_pid is not None and not pid_alive(core_pid):
-                raise EngineStartError("the engine-core process is gone")
-            if deadline is not None and time.monotonic() > deadline:
-                raise EngineStartError(f"the engine core did not answer within {timeout:.0f} s")
 
     # -- what the server uses ------------------------------------------------------------------
     @property
@@ -284,14 +302,15 @@ class EngineClient:
         """Stops the receiver and, if this client owns it, the engine-core process."""
         if self._closed:
             return
-        if self.process is not None and self.error is None:
-            self._send([m.SHUTDOWN])
+        if self.error is None:  # the owner stops the core; a client of a shared one just leaves
+            self._send([m.SHUTDOWN if self.process is not None else m.BYE])
         with self._send_lock:
             self._closed = True
         self._thread.join(timeout)
         self._stop_process(timeout)
-        for sock in (self._outbox, self._inbox, self._core):
-            sock.close(linger=0)
+        self._outbox.close(linger=0)
+        self._inbox.close(linger=0)
+        self._core.close(linger=500)  # SHUTDOWN or BYE may still be on its way
         self._context.term()
         if self._folder is not None:
             shutil.rmtree(self._folder, ignore_errors=True)

@@ -77,6 +77,12 @@ class EngineCore:
             self.engine.abort(rid)
             self._forget(rid)
 
+    def drop_client(self, client: bytes) -> None:
+        """An API server is gone (its process died): its requests stop and free their blocks."""
+        self.clients.discard(client)
+        self._last_stats.pop(client, None)
+        self.abort([rid for rid, owner in self.owner.items() if owner == client])
+
     def _forget(self, rid: str) -> None:
         self.owner.pop(rid, None)
         self.sent_prompt_logprobs.discard(rid)
@@ -165,6 +171,10 @@ def run(address: str, parent_pid: int, config: dict) -> int:
     context = zmq.Context()
     sock = context.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 1000)
+    # Sending to an API server that is gone raises (so its requests are aborted), and a slow
+    # one queues without limit rather than losing outputs.
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    sock.setsockopt(zmq.SNDHWM, 0)
     sock.bind(address)  # before loading: clients may say hello while the model loads
     try:
         engine = _load_engine(config.pop("model"), config.pop("dtype", "auto"), config.pop("device", None),
@@ -191,16 +201,20 @@ def run(address: str, parent_pid: int, config: dict) -> int:
 
 
 def _refuse_hellos(sock, message: str, wait_s: float = 10.0) -> None:
-    """Tells whoever says hello (the owner, waiting for READY) why the engine did not start."""
+    """Tells whoever says hello (the API servers, waiting for READY) why the engine did not start."""
+    import zmq
+
     body = m.encoder.encode(message)
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         if sock.poll(100):
             frames = sock.recv_multipart()
             if frames[1] == m.HELLO:
-                sock.send_multipart([frames[0], m.FAILED, body])
-                time.sleep(0.2)  # let it leave before the process exits
-                return
+                try:
+                    sock.send_multipart([frames[0], m.FAILED, body])
+                except zmq.ZMQError:
+                    continue
+                deadline = min(deadline, time.monotonic() + 0.5)  # others may be saying hello too
 
 
 def _loop(sock, core: EngineCore, ready: bytes) -> None:
@@ -222,15 +236,27 @@ def _loop(sock, core: EngineCore, ready: bytes) -> None:
                 elif kind == m.ABORT:
                     core.abort(m.abort_decoder.decode(frames[2].buffer))
                 elif kind == m.HELLO:
-                    core.clients.add(client)
-                    sock.send_multipart([client, m.READY, ready])
+                    try:
+                        sock.send_multipart([client, m.READY, ready])
+                        core.clients.add(client)
+                    except zmq.ZMQError:  # it said hello and left (a readiness probe)
+                        pass
+                elif kind == m.BYE:
+                    core.drop_client(client)
                 elif kind == m.SHUTDOWN:
                     return
         engine.check_alive()
         if engine.has_unfinished():
             core.step()
         for client, message in core.take_messages():
-            sock.send_multipart([client, m.OUTPUTS, m.encoder.encode(message)], copy=False)
+            try:
+                sock.send_multipart([client, m.OUTPUTS, m.encoder.encode(message)])
+            except zmq.ZMQError as e:
+                if e.errno != zmq.EHOSTUNREACH:
+                    raise
+                log.warning("an API server went away; aborting its %d requests",
+                            sum(1 for owner in core.owner.values() if owner == client))
+                core.drop_client(client)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,7 @@ FAILED = b"failed"  # the core could not load the model: the body is the message
 ADD = b"add"
 ABORT = b"abort"
 SHUTDOWN = b"shutdown"  # from the process that owns the core
+BYE = b"bye"  # client -> core: this client is leaving; its requests (if any) are aborted
 OUTPUTS = b"outputs"
 
 

@@ -52,6 +52,9 @@ class Platform:
         self.limiter = RateLimiter(self.db, self.config.limits.window_seconds, clock)
         self.worker = DatabaseWorker(self.db)  # the request path's database work, batched off the event loop
         self.key_cache_seconds = key_cache_seconds
+        # False in all but one of several processes sharing the ledger (--api-server-count): a
+        # "running" row there may be a sibling's request in flight, not a crash's leftover.
+        self.recover_on_start = True
         self._callers: dict[str, tuple[float, int, Caller | AuthError]] = {}
         self._monotonic = time.monotonic  # the cache's clock (tests replace it)
 
@@ -61,7 +64,7 @@ class Platform:
         once, before any of them serves: a later call would mark the others' requests in flight
         as aborted until they end (their `end` still completes the rows; see ledger.py)."""
         now = self.clock()
-        recovered = self.ledger.recover(now)
+        recovered = self.ledger.recover(now) if self.recover_on_start else 0
         if recovered:
             log.warning("%d request(s) were in flight when the server last stopped; recorded as aborted", recovered)
         active = self.keys.count_active()
