@@ -165,8 +165,8 @@ class Streams:
             t.join(timeout)
 
 
-def _wait_healthy(proc, url: str) -> None:
-    deadline = time.monotonic() + 120
+def _wait_healthy(proc, url: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
     while True:
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:

@@ -28,7 +28,7 @@ def test_two_api_servers_share_one_engine_core_and_one_limit(demo_dir, tmp_path)
                             env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(proc, url)
+        _wait_healthy(proc, url, timeout=300)  # the core loads, then both API servers start
         children = _children(proc.pid)
         assert len(children) == 3, children  # the engine core and two API servers
         api_servers = [pid for pid in children if "herd.cli" in open(f"/proc/{pid}/cmdline").read()]
