@@ -3,7 +3,7 @@
 1. Correctness: 50 requests with 50 different schemas (nested objects, arrays with min/max items,
    enums, bounded integers and numbers, required and optional fields, patterns, maxLength,
    additionalProperties false) in one batch, non-streamed (LLM.generate) and streamed
-   (AsyncEngine, deltas joined): how many parse strictly (json.loads), validate (jsonschema) and
+   (EngineClient: the engine-core process, deltas joined): how many parse strictly (json.loads), validate (jsonschema) and
    end with finish_reason "stop".
 2. Cost: N requests (default 64) of the same length, all free vs half constrained by a JSON schema
    that cannot finish within max_tokens (a long string: the widest masks): throughput ratio, plus
@@ -26,7 +26,8 @@ import jsonschema
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from herd.engine.engine import LLM, AsyncEngine  # noqa: E402
+from herd import LLM  # noqa: E402
+from herd.engine.client import EngineClient  # noqa: E402
 from herd.engine.sampling import SamplingParams  # noqa: E402
 from tests.structured.schemas import schema_variant  # noqa: E402
 
@@ -52,8 +53,7 @@ def correctness(llm: LLM, count: int, max_tokens: int) -> dict:
     plain_s = time.perf_counter() - t
     plain = [_verdict(o.outputs[0].text, o.outputs[0].finish_reason, s) for o, s in zip(outs, schemas)]
 
-    engine = AsyncEngine(llm.engine)
-    engine.start()
+    engine = EngineClient.start(llm.model_dir, max_num_seqs=llm.engine.options.max_num_seqs)
 
     async def one(i: int) -> str:
         text, finish = "", None

@@ -50,10 +50,6 @@ def create_app(engine, options: ServerOptions | None = None, platform=None) -> F
         # read a tiny positive value (top_p 5e-324) as zero.
         _exact_floats_in_this_thread()
         log.info("serving %s (context %d tokens)", state.model_name, state.max_model_len)
-        if options.owns_engine:
-            # Structured outputs: the vocabulary is prepared once, now, in the background (seconds
-            # at 202K tokens), not when the first constrained request arrives.
-            engine.engine.grammars.warm_up()
         if batch is not None:
             batch.runner.start()  # resumes the batches a stop or crash left unfinished
         try:
