@@ -35,10 +35,11 @@ def _mentions_content(expr: nodes.Node, aliases: set[str]) -> bool:
 
 
 @lru_cache(maxsize=32)
-def content_format(source: str) -> ContentFormat:
-    """"openai" when the template iterates over a message's content, else "string"."""
+def content_format(source: str, env: jinja2.Environment | None = None) -> ContentFormat:
+    """"openai" when the template iterates over a message's content, else "string". `env` is the
+    environment the template renders in (its extensions must parse the template's tags)."""
     try:
-        tree = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(source)
+        tree = (env or jinja2.Environment(extensions=["jinja2.ext.loopcontrols"])).parse(source)
     except jinja2.TemplateSyntaxError:
         return "string"  # rendering will report the error itself
     # Variables assigned from a message's content (`{% set content = message['content'] %}`).

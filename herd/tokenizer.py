@@ -273,7 +273,7 @@ class Tokenizer:
         if source is None:
             raise ValueError("this tokenizer has no chat template; pass template=")
         messages = _prepare_messages(messages)
-        if content_format(source) == "string":  # a text model's template: parts joined into a string
+        if content_format(source, _environment()) == "string":  # a text model's template: parts joined into a string
             messages = flatten_text_parts(messages)
         tools = copy.deepcopy(tools) if tools is not None else None
         if mark:
@@ -484,8 +484,8 @@ def _strftime_now(fmt):
     return datetime.now().strftime(fmt)
 
 
-@lru_cache(maxsize=16)
-def _compile(source: str) -> jinja2.Template:
+@lru_cache(maxsize=1)
+def _environment() -> ImmutableSandboxedEnvironment:
     # Templates ship with checkpoints and are untrusted code: render them sandboxed. The
     # whitespace settings and extra globals are those of transformers' chat-template
     # environment, which the templates are written against.
@@ -495,4 +495,9 @@ def _compile(source: str) -> jinja2.Template:
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
-    return env.from_string(source)
+    return env
+
+
+@lru_cache(maxsize=16)
+def _compile(source: str) -> jinja2.Template:
+    return _environment().from_string(source)

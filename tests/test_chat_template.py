@@ -312,6 +312,17 @@ def test_content_format_is_read_from_the_template(template, expected):
     assert content_format(template) == expected
 
 
+def test_content_format_of_a_template_with_generation_tags():
+    """HF's {% generation %} marker parses in herd's template environment: a parts template that
+    uses it is still read as one."""
+    from herd.content_format import content_format
+    from herd.tokenizer import _environment
+
+    template = ("{% for m in messages %}{% generation %}{% for p in m.content %}{{ p.text }}{% endfor %}"
+                "{% endgeneration %}{% endfor %}")
+    assert content_format(template, _environment()) == "openai"
+
+
 def test_string_templates_get_text_parts_joined():
     from herd.content_format import flatten_text_parts
 
