@@ -14,6 +14,7 @@ from torch import nn
 
 from herd.config import TextConfig
 from herd.model.attention import AttentionMetadata, LayerKV, paged_attention
+from herd.model.cpu_linear import PackedLinear, linear, prepack, prepack_linears
 from herd.model.layers import (
     RMSNorm,
     SwiGLU,
@@ -121,6 +122,7 @@ class Llama4TextModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.packed_head = None  # set by prepack_for_cpu
         # Not a buffer: it is derived from the config, never loaded, and survives `to_empty`.
         self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
 
@@ -142,8 +144,19 @@ class Llama4TextModel(nn.Module):
         """Logits over the vocabulary: float32, or the model's dtype with upcast=False (the
         sampler upcasts only rows that need it: a [rows x 202,048] conversion is not free)."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(hidden, weight)
+        logits = linear(hidden, weight, self.packed_head)
         return logits.float() if upcast else logits
+
+    def prepack_for_cpu(self, rows_hint: int) -> int:
+        """Packs the weights of every linear layer and of the lm_head for oneDNN, once (see
+        herd/model/cpu_linear.py); returns how many layers were packed."""
+        count = prepack_linears(self, rows_hint)
+        if self.lm_head is not None and isinstance(self.lm_head.forward, PackedLinear):
+            self.packed_head = self.lm_head.forward
+        else:
+            self.packed_head = prepack(self.embed_tokens.weight, None, rows_hint)
+            count += self.packed_head is not None
+        return count
 
 
 def warm_up_experts(model: nn.Module, max_rows: int) -> None:
