@@ -67,3 +67,33 @@ def test_content_parts_with_a_string_template(default_url, stream):
         body = {"model": model, "messages": [{"role": "user", "content": [parts[0], image]}], "stream": stream}
         refused = client.post("/v1/chat/completions", json=body)
         assert refused.status_code == 400 and "image" in refused.json()["error"]["message"]
+
+
+def test_json_mode_and_sdk_helpers_on_a_real_model(default_url):
+    """Structured outputs on a model that writes sense: JSON mode with the keys named in the
+    prompt, the SDK's parse() with a pydantic model, and a named pydantic function tool."""
+    import json
+
+    import openai
+    import pydantic
+
+    client = openai.OpenAI(base_url=f"{default_url}/v1", api_key="unused", max_retries=0)
+    model = client.models.list().data[0].id
+    ask = [{"role": "user", "content": 'Reply in JSON with the keys "name" and "age" for Bob, who is 30.'}]
+    reply = client.chat.completions.create(model=model, messages=ask, max_tokens=48, temperature=0,
+                                           response_format={"type": "json_object"})
+    value = json.loads(reply.choices[0].message.content)
+    assert isinstance(value, dict) and reply.choices[0].finish_reason == "stop"
+
+    class Person(pydantic.BaseModel):
+        name: str
+        age: int
+
+    parsed = client.chat.completions.parse(model=model, messages=ask, max_tokens=48, temperature=0, response_format=Person)
+    assert isinstance(parsed.choices[0].message.parsed, Person)
+
+    tool = openai.pydantic_function_tool(Person, name="save_person")
+    called = client.chat.completions.parse(model=model, messages=ask, max_tokens=48, temperature=0, tools=[tool],
+                                           tool_choice={"type": "function", "function": {"name": "save_person"}})
+    call = called.choices[0].message.tool_calls[0]
+    assert call.function.name == "save_person" and isinstance(call.function.parsed_arguments, Person)
