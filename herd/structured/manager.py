@@ -5,7 +5,7 @@ logits of every constrained row before sampling.
 
 from __future__ import annotations
 
-import logging
+import concurrent.futures
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -14,8 +14,6 @@ import numpy as np
 import torch
 
 from herd.structured.spec import StructuredOutputsParams
-
-log = logging.getLogger("herd.structured")
 
 CACHE_SIZE = 256  # compiled grammars kept, least recently used first out
 
@@ -40,10 +38,7 @@ class RequestGrammar:
         return self.matcher is not None or self.error is not None
 
     def wait(self, timeout: float) -> None:
-        try:
-            self._compiled.exception(timeout=timeout)
-        except TimeoutError:
-            pass
+        concurrent.futures.wait([self._compiled], timeout=timeout)
 
     def accept(self, token_id: int) -> bool:
         """Advances the matcher by a sampled token; False when the grammar rejects it."""
