@@ -15,6 +15,7 @@ import array
 import concurrent.futures
 import ctypes
 import multiprocessing
+import os
 import threading
 
 from herd.tokenizer import PromptTooLong, Tokenizer
@@ -26,6 +27,14 @@ _worker_tokenizer: Tokenizer | None = None
 
 def _start_worker(tokenizer_json: str, bos_token: str | None) -> None:
     global _worker_tokenizer
+    # Background work: one thread, at a lower CPU priority, so that the server's own threads
+    # (the event loop, the engine) keep the cores when they are short.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    try:
+        os.nice(10)
+    except OSError:
+        pass
     _worker_tokenizer = Tokenizer(tokenizer_json, bos_token=bos_token)
 
 
