@@ -225,7 +225,7 @@ def cmd_serve(args) -> int:
             platform.recover_on_start = False
     from herd.config import load_config
     from herd.model_source import resolve_model_dir, served_name
-    from herd.engine.options import check_image_limits
+    from herd.engine.options import check_before_loading, check_image_limits
 
     # Every option is read and checked against the model's config before any weight is loaded.
     limits = _parse_limits(args.limit_mm_per_prompt)
@@ -243,7 +243,9 @@ def cmd_serve(args) -> int:
     )
     model = args.model_dir or args.model
     model_dir = resolve_model_dir(model, revision=args.revision, download_dir=args.download_dir)
-    check_image_limits(limits, load_config(model_dir), explicit=args.limit_mm_per_prompt is not None)
+    config = load_config(model_dir)
+    check_image_limits(limits, config, explicit=args.limit_mm_per_prompt is not None)
+    check_before_loading(model_dir, config, _engine_options(args), args.dtype)  # before the engine core starts
     if args.api_server_count < 1:
         raise ValueError(f"--api-server-count must be at least 1, got {args.api_server_count}")
     if args.api_server_count > 1 and args.engine_address is None:

@@ -141,3 +141,23 @@ def check_image_limits(limits: dict[str, int], config: ModelConfig, *, explicit:
             raise ValueError(f"--limit-mm-per-prompt: herd's models take images only, not {modality}")
     if explicit and limits.get("image", 0) > 0 and not (config.is_multimodal and config.vision):
         raise ValueError("--limit-mm-per-prompt: this model has no vision tower, so it takes no images")
+
+
+def check_before_loading(model_dir, config: ModelConfig, engine_options: dict[str, Any], dtype: Any = "auto") -> EngineOptions:
+    """Everything about a model and its options that can be checked without reading weights:
+    the engine options (resolved), the quantization, the dtype and the saved image-processor
+    settings. `herd serve` calls it before it starts the engine core, _load_engine before loading."""
+    options = dict(engine_options)
+    quantization = options.pop("quantization", None)
+    for name in ("revision", "download_dir"):  # where the files came from: already resolved
+        options.pop(name, None)
+    resolved = resolve_engine_options(engine_options_from(options), config)
+    check_quantization(config, quantization)
+    if dtype != "auto" and not hasattr(dtype, "is_floating_point"):
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"unsupported dtype {dtype!r}: use auto, float32, bfloat16 or float16")
+    if config.is_multimodal and config.vision is not None:
+        from herd.model.vision import VisionConfig
+
+        VisionConfig.from_model_config(config, model_dir)  # the saved image-processor settings
+    return resolved
