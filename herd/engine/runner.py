@@ -125,8 +125,13 @@ class Runner:
             ]
             if constrained:
                 # One bitmask for all constrained rows, applied before penalties and sampling.
+                # Logprobs stay the model's own: a copy before masking, only when a row wants them.
+                wants_logprobs = any(rows[j].params.logprobs is not None for j, _ in constrained)
+                model_logits = logits.clone() if wants_logprobs else None
                 self.grammars.apply(logits, constrained)
-            sampled = iter(sample(logits, rows))
+            else:
+                model_logits = None
+            sampled = iter(sample(logits, rows, model_logits))
             for i, item in enumerate(batch):
                 r = item.request
                 if r.num_computed + item.num_new == r.num_tokens:

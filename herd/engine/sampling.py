@@ -139,7 +139,7 @@ def _adjusts_logits(row: SampleRow) -> bool:
     )
 
 
-def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sampled]:
+def sample(logits: torch.Tensor, rows: list[SampleRow], model_logits: torch.Tensor | None = None) -> list[Sampled]:
     """logits [n, vocab] (any float dtype), one row per entry of `rows` -> one token per row.
 
     The common case costs one batched argmax: greedy rows that change no logits skip the
@@ -168,7 +168,7 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sampled]:
     tops: dict[int, dict[int, float]] = {}
     if wanted:
         # Logprobs are the model's own distribution, before penalties and temperature.
-        raw = torch.log_softmax(logits[wanted].float(), dim=-1)
+        raw = torch.log_softmax((logits if model_logits is None else model_logits)[wanted].float(), dim=-1)
         for j, i in enumerate(wanted):
             k = rows[i].params.logprobs
             top = {}

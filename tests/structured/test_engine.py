@@ -129,3 +129,17 @@ def test_auto_tool_calls_free_unless_a_call_starts(llm):
     assert out.finish_reason == "stop", out.text
     [call] = parse_tool_calls(out.text, {"get_weather"})
     jsonschema.validate(json.loads(call.arguments), WEATHER_ARGS)
+
+
+def test_logprobs_are_the_models_own_under_a_grammar(llm):
+    """The mask picks the token; the reported logprobs are the model's, as for free requests."""
+    params = SamplingParams(max_tokens=1, temperature=0, logprobs=3, structured_outputs={"choice": ["yes", "no"]})
+    constrained = llm.generate("Pick.", params)[0].outputs[0]
+    free = llm.generate("Pick.", SamplingParams(max_tokens=1, temperature=0, logprobs=3))[0].outputs[0]
+    token = constrained.token_ids[0]
+    text = llm.tokenizer.decode([token])
+    assert text and ("yes".startswith(text) or "no".startswith(text))
+    top_free = {t: lp for t, lp in free.logprobs[0].items()}
+    top_constrained = {t: lp for t, lp in constrained.logprobs[0].items() if t != token}
+    assert top_constrained == {t: lp for t, lp in top_free.items() if t != token}
+    assert constrained.logprobs[0][token] < 0
