@@ -60,9 +60,22 @@ def layout_from(options, free_port) -> Layout:
         if options.nnodes > 1:
             raise ValueError("--nnodes > 1 needs --master-port (the same on every node)")
         port = free_port()
+    elif options.node_rank == 0:
+        _check_port_free(options.master_addr, port)
     endpoint = Endpoint(options.master_addr, port)
     first = options.node_rank * (size // options.nnodes)
     return Layout(size, options.nnodes, options.node_rank, endpoint, False, first, 0)
+
+
+def _check_port_free(addr: str, port: int) -> None:
+    """Node 0 listens on the master port: say so now if it cannot, not after a timeout."""
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("" if addr in ("127.0.0.1", "localhost") else addr, port))
+        except OSError as e:
+            raise ValueError(f"--master-port {port} cannot be used on this host ({e.strerror}): pick a free port") from None
 
 
 def check_nodes(size: int, nnodes: int, node_rank: int) -> None:

@@ -72,3 +72,30 @@ def test_reader_cuts_rows_columns_halves_and_pads(tmp_path):
     assert ep.local_name("layers.0.feed_forward.experts.1.up_proj.weight") == "layers.0.feed_forward.experts.0.up_proj.weight"
     fused = ep.reader(handle, "gate_up", tmp_path, "layers.0.feed_forward.experts.gate_up_proj")
     assert torch.equal(fused(), tensors["gate_up"][1:]) and torch.equal(fused.expert(0), tensors["gate_up"][1])
+
+
+def test_node_layouts_and_port_in_use():
+    import socket
+    from types import SimpleNamespace
+
+    from herd.parallel.nodes import layout_from
+
+    def options(**kw):
+        return SimpleNamespace(**{"tensor_parallel_size": 8, "nnodes": 2, "node_rank": 0, "master_addr": "127.0.0.1",
+                                  "master_port": None, **kw})
+
+    with socket.socket() as busy:
+        busy.bind(("", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(ValueError, match=f"--master-port {port} cannot be used"):
+            layout_from(options(master_port=port), None)
+        # Node 1 does not listen: its ranks 4..7 connect to node 0.
+        node1 = layout_from(options(node_rank=1, master_port=port), None)
+    assert list(node1.ranks_to_start()) == [4, 5, 6, 7] and node1.local_rank_of(6) == 2
+    with pytest.raises(ValueError, match="needs --master-port"):
+        layout_from(options(), None)
+    with pytest.raises(ValueError, match="does not split evenly over 3 nodes"):
+        layout_from(options(nnodes=3, master_port=1), None)
+    single = layout_from(options(nnodes=1, tensor_parallel_size=4), lambda: 12345)
+    assert list(single.ranks_to_start()) == [1, 2, 3] and single.endpoint.master_port == 12345
