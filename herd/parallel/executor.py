@@ -21,7 +21,7 @@ import torch
 
 from herd.engine.kv_cache import KVCache
 from herd.engine.runner import Runner, ScheduledSeq
-from herd.parallel.comm import Group
+from herd.parallel.comm import Group, start_timeout_s
 from herd.parallel.sizes import check_size
 from herd.parallel.step import CacheSpec, to_message
 from herd.parallel.nodes import Layout, layout_from
@@ -54,8 +54,9 @@ class ParallelExecutor(Runner):
         self.workers = workers
         self.closed = False
         self.failure: RankFailure | None = None
-        group.broadcast_object(CacheSpec(num_blocks={g: p.num_blocks for g, p in cache.pools.items()},
-                                         block_size=cache.block_size, kv_dtype=cache.kv_dtype))
+        # The workers may still be loading their shards: wait as long as start-up may take.
+        spec = CacheSpec({g: p.num_blocks for g, p in cache.pools.items()}, cache.block_size, cache.kv_dtype)
+        group.broadcast_object(spec, timeout_s=start_timeout_s())
 
     def execute(self, batch: list[ScheduledSeq]):
         self.check()

@@ -140,3 +140,26 @@ def test_two_nodes_of_one_rank_each(checkpoint, mix, single):
         if node1.poll() is None:
             node1.kill()
     _assert_same(results, single[0][:4])
+
+
+def test_hung_worker_fails_the_step_within_the_collective_timeout(checkpoint, monkeypatch):
+    import os
+    import signal
+    import time
+
+    from herd.parallel.executor import RankFailure
+
+    monkeypatch.setenv("HERD_COLLECTIVE_TIMEOUT", "5")
+    llm = LLM(str(checkpoint[1]), tensor_parallel_size=2, **OPTIONS)
+    worker = llm.engine.runner.workers[0]
+    try:
+        assert llm.generate([5, 6, 7], GREEDY)[0].outputs[0].token_ids
+        os.kill(worker.pid, signal.SIGSTOP)
+        start = time.monotonic()
+        with pytest.raises(RankFailure, match="tensor-parallel step failed"):
+            llm.generate([5, 6, 7], GREEDY)
+        assert time.monotonic() - start < 30
+        assert not llm.engine.has_unfinished()  # the failed requests were aborted
+    finally:
+        llm.close()
+    assert worker.poll() is not None  # killed, not left stopped
