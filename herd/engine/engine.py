@@ -402,6 +402,11 @@ def _load_engine(model, dtype, device, engine_options) -> Engine:
     if options.tensor_parallel_size > 1:
         from herd.parallel.executor import start_parallel
 
+        if device.type == "cpu" and options.cpu_threads is None:
+            # --cpu-threads is per rank: this node's ranks share its cores.
+            per_node = options.tensor_parallel_size // options.nnodes
+            options = dataclasses.replace(options, cpu_threads=max(1, default_cpu_threads() // per_node))
+
         text_model, vision, executor = start_parallel(model_dir, config, torch_dtype, device, quantization, options)
         try:
             engine = Engine(model_dir, config, tokenizer, text_model, device, torch_dtype, options, executor)

@@ -129,7 +129,11 @@ def worker_spec(model_dir, config, dtype: torch.dtype, device: torch.device, qua
         raise ValueError(
             f"{layout.per_node} ranks on this node need {layout.per_node} GPUs; it has {torch.cuda.device_count()}"
         )
-    threads = max(1, (os.cpu_count() or 1) // layout.per_node) if device.type == "cpu" else None
+    threads = None
+    if device.type == "cpu":  # --cpu-threads is per rank; by default this node's ranks share its cores
+        from herd.engine.options import default_cpu_threads
+
+        threads = options.cpu_threads or max(1, default_cpu_threads() // layout.per_node)
     return WorkerSpec(str(model_dir), dtype, device.type, size, options.enable_expert_parallel, layout.endpoint,
                       quantization, threads)
 
