@@ -90,7 +90,7 @@ def _parallel(checkpoint, mix, size, expert_parallel):
     return _RUNS[key]
 
 
-@pytest.mark.parametrize("size,expert_parallel", [(2, False), (2, True), (4, True)], ids=["tp2", "tp2-ep2", "tp4-ep4"])
+@pytest.mark.parametrize("size,expert_parallel", [(2, False), (4, False), (2, True), (4, True)], ids=["tp2", "tp4", "tp2-ep2", "tp4-ep4"])
 def test_parallel_matches_one_device(checkpoint, mix, single, size, expert_parallel):
     expected, preemptions, prefix_hits = single
     assert preemptions >= 1 and prefix_hits > 0  # the mix exercises what it claims to
