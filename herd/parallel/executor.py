@@ -48,14 +48,20 @@ class RankFailure(RuntimeError):
 class ParallelExecutor(Runner):
     """Runner of rank 0: the same `execute(batch)`, run by every rank at once."""
 
-    def __init__(self, model, cache: KVCache, device: torch.device, group: Group, workers: list, grammars=None):
+    def __init__(
+        self, model, cache: KVCache, device: torch.device, group: Group, workers: list, grammars=None,
+        step_sizes: tuple[int, int] = (64, 2048),
+    ):
+        """step_sizes: the engine's max_num_seqs and max_num_batched_tokens (the workers warm up
+        their CPU kernels for the same shapes rank 0 does)."""
         super().__init__(model, cache, device, grammars=grammars)
         self.group = group
         self.workers = workers
         self.closed = False
         self.failure: RankFailure | None = None
         # The workers may still be loading their shards: wait as long as start-up may take.
-        spec = CacheSpec({g: p.num_blocks for g, p in cache.pools.items()}, cache.block_size, cache.kv_dtype)
+        spec = CacheSpec({g: p.num_blocks for g, p in cache.pools.items()}, cache.block_size, cache.kv_dtype,
+                         *step_sizes)
         group.broadcast_object(spec, timeout_s=start_timeout_s())
 
     def execute(self, batch: list[ScheduledSeq]):
@@ -170,19 +176,20 @@ def start_parallel(model_dir, config, dtype: torch.dtype, device: torch.device, 
         stop_workers(workers)
         raise
 
-    return model, vision, ExecutorFactory(group, workers)
+    return model, vision, ExecutorFactory(group, workers, (options.max_num_seqs, options.max_num_batched_tokens))
 
 
 class ExecutorFactory:
     """Makes rank 0's executor once the engine has sized the KV cache (the workers wait for
     that size), or ends the workers if the engine could not be built."""
 
-    def __init__(self, group: Group, workers: list):
+    def __init__(self, group: Group, workers: list, step_sizes: tuple[int, int]):
         self.group = group
         self.workers = workers
+        self.step_sizes = step_sizes
 
     def __call__(self, model, cache: KVCache, device: torch.device, grammars=None) -> ParallelExecutor:
-        return ParallelExecutor(model, cache, device, self.group, self.workers, grammars)
+        return ParallelExecutor(model, cache, device, self.group, self.workers, grammars, self.step_sizes)
 
     def abort(self) -> None:
         for p in self.workers:

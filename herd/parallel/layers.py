@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from herd.config import TextConfig
+from herd.model.cpu_linear import linear, prepack, prepack_linears
 from herd.model.llama4 import Llama4TextModel, MoE
 from herd.parallel.sizes import Shard
 
@@ -82,8 +83,16 @@ class ShardedLlama4TextModel(Llama4TextModel):
 
     def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = self.group.all_gather_last_dim(F.linear(hidden, weight))[..., : self.full_config.vocab_size]
+        local = linear(hidden, weight, self.packed_head)
+        logits = self.group.all_gather_last_dim(local)[..., : self.full_config.vocab_size]
         return logits.float() if upcast else logits
+
+    def prepack_for_cpu(self, rows_hint: int) -> int:
+        """As the whole model does (herd/model/cpu_linear.py), with this rank's lm_head rows."""
+        count = prepack_linears(self, rows_hint)
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        self.packed_head = prepack(weight, None, rows_hint)
+        return count + (self.packed_head is not None)
 
     @torch.no_grad()
     def after_load(self) -> None:

@@ -22,6 +22,8 @@ class CacheSpec:
     num_blocks: dict[str, int]
     block_size: int
     kv_dtype: str
+    max_num_seqs: int = 64  # for the CPU warm-up rank 0 also does (packed weights, expert shapes)
+    max_num_batched_tokens: int = 2048
 
 
 def to_message(batch: list[ScheduledSeq]) -> list[tuple[Request, int]]:

@@ -87,8 +87,12 @@ def run_worker(spec: WorkerSpec, rank: int, local_rank: int, parent_pid: int | N
         cache_spec = group.broadcast_object()
         cache = KVCache(model.config, cache_spec.num_blocks, cache_spec.block_size, spec.dtype, device, cache_spec.kv_dtype)
         runner = Runner(model, cache, device, vision)
-        if device.type == "cpu":
-            torch.set_flush_denormal(True)  # as the engine does on rank 0
+        if device.type == "cpu":  # as the engine does on rank 0
+            from herd.model.llama4 import warm_up_experts
+
+            torch.set_flush_denormal(True)
+            warm_up_experts(model, cache_spec.max_num_batched_tokens)
+            model.prepack_for_cpu(cache_spec.max_num_seqs)
         while True:
             message = group.broadcast_object()
             if message is None:
