@@ -22,6 +22,8 @@ import sys
 import threading
 import time
 
+import msgspec
+
 from herd.engine import messages as m
 from herd.engine.engine import Engine, _load_engine
 from herd.engine.outputs import RequestOutput
@@ -59,6 +61,20 @@ class EngineCore:
         if out is None:
             out = self._pending[client] = m.StepOutputs([], [], None)  # stats filled in at send time
         return out
+
+    def add_message(self, client: bytes, frames: list) -> None:
+        """An ADD message: a request that does not decode (a value its params refuse) fails
+        alone, as a bad request; it never ends the loop."""
+        try:
+            request = m.add_decoder.decode(frames[2].buffer)
+        except msgspec.MsgspecError as e:
+            rid = m.request_id_of(frames[2].buffer)
+            if rid is None:
+                log.error("dropped an add message that names no request: %s", e)
+                return
+            self._for(client).errors.append(m.RequestError(rid, True, m.validation_message(e)))
+            return
+        self.add(client, request, frames[3:])
 
     def add(self, client: bytes, request: m.AddRequest, frames: list) -> None:
         rid = request.request_id
@@ -232,7 +248,7 @@ def _loop(sock, core: EngineCore, ready: bytes) -> None:
                     break
                 client, kind = frames[0].bytes, frames[1].bytes
                 if kind == m.ADD:
-                    core.add(client, m.add_decoder.decode(frames[2].buffer), frames[3:])
+                    core.add_message(client, frames)
                 elif kind == m.ABORT:
                     core.abort(m.abort_decoder.decode(frames[2].buffer))
                 elif kind == m.HELLO:

@@ -96,6 +96,21 @@ outputs_decoder = msgspec.msgpack.Decoder(StepOutputs)
 text_decoder = msgspec.msgpack.Decoder(str)
 
 
+def request_id_of(buffer) -> str | None:
+    """The request id of an ADD message that does not decode as an AddRequest, if it has one."""
+    try:
+        raw = msgspec.msgpack.decode(buffer)
+    except msgspec.MsgspecError:
+        return None
+    return raw[0] if isinstance(raw, list) and raw and isinstance(raw[0], str) else None
+
+
+def validation_message(error: Exception) -> str:
+    """msgspec's message without its location suffix (" - at `$[2]`"): it speaks of the wire
+    format, not of the request."""
+    return str(error).split(" - at `", 1)[0]
+
+
 def image_frames(images: list[ImageInput] | None) -> tuple[list[ImageMeta], list[memoryview]]:
     """Each image's pixels as one raw buffer (no copy for a contiguous tensor)."""
     metas, frames = [], []

@@ -7,6 +7,8 @@ it is preempted and recomputed.
 
 from __future__ import annotations
 
+import sys
+
 from dataclasses import dataclass, field
 
 import torch
@@ -46,6 +48,10 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.structured_outputs = StructuredOutputsParams.coerce(self.structured_outputs)
+        if 0 < self.top_p < sys.float_info.min:
+            # A subnormal top_p means "only the top token"; the engine process flushes subnormal
+            # floats to zero (fast CPU matmuls), which would turn it into an invalid 0 there.
+            self.top_p = sys.float_info.min
         self.validate()
 
     def validate(self) -> None:

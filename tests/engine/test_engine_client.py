@@ -162,6 +162,30 @@ def test_a_failing_step_fails_its_requests_not_the_core(demo_dir):
     assert len(tokens) == GREEDY.max_tokens
 
 
+def test_a_request_the_core_cannot_decode_fails_alone(engine):
+    """The engine process flushes subnormal floats to zero; a value that is valid in the API
+    process could arrive invalid there. Such a request fails as a bad request, alone."""
+    import msgspec
+
+    from herd.engine.core import EngineCore
+
+    class Frame:
+        def __init__(self, data):
+            self.buffer = data
+
+    core = EngineCore(engine=None)
+    bad = msgspec.msgpack.encode(["odd", [1, 2], {"top_p": 0.0}])
+    core.add_message(b"api", [Frame(b"api"), Frame(m.ADD), Frame(bad)])
+    [error] = core._for(b"api").errors
+    assert (error.request_id, error.invalid, error.message) == ("odd", True, "top_p must be in (0, 1]")
+    # Through the real process: a subnormal top_p reaches the core as the smallest normal float.
+    torch.set_flush_denormal(False)  # an in-process engine of an earlier test set it in this process
+    params = SamplingParams(max_tokens=4, temperature=1.0, top_p=5e-324, seed=1)
+    text, last = asyncio.run(_collect(engine, _prompt(engine, "tiny top_p"), params, "tiny-top-p"))
+    assert last.finished and len(last.outputs[0].token_ids) == 4
+    assert engine.is_running
+
+
 def test_pixels_travel_as_raw_frames():
     pixels = torch.randn(2, 3, 8, 8)
     metas, frames = m.image_frames([ImageInput(pixels, b"hash", [3, 4, 5])])
