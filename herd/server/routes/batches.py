@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse, Response
 from herd.server.batch_lines import ENDPOINTS
 from herd.server.batch_service import batch_service, caller_key, is_together
 from herd.server.errors import APIError, bad_request, parse_json_body
-from herd.server.routes.common import require_json
+from herd.server.routes.common import page_limit, require_json
 
 router = APIRouter()
 
@@ -144,12 +144,7 @@ async def create_batch(request: Request) -> Response:
 async def list_batches(request: Request) -> Response:
     svc = batch_service(request)
     q = request.query_params
-    try:
-        limit = int(q.get("limit") or 20)
-    except ValueError:
-        raise bad_request("limit must be an integer", param="limit") from None
-    if not 1 <= limit <= 100:
-        raise bad_request("limit must be in [1, 100]", param="limit")
+    limit = page_limit(request, 20, 100)
     records, has_more = await asyncio.to_thread(svc.batches.list, caller_key(request), after=q.get("after"),
                                                 limit=limit)
     data = [await _render(request, b) for b in records]

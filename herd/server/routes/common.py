@@ -42,6 +42,18 @@ def require_json(request: Request) -> None:
 LARGE_BODY_BYTES = 256 * 1024
 
 
+def page_limit(request: Request, default: int, maximum: int) -> int:
+    """The `limit` query parameter of a list route: an integer in [1, maximum], else a 400."""
+    raw = request.query_params.get("limit")
+    try:
+        limit = int(raw or default)
+    except ValueError:
+        raise bad_request("limit must be an integer", param="limit") from None
+    if not 1 <= limit <= maximum:
+        raise bad_request(f"limit must be in [1, {maximum}]", param="limit")
+    return limit
+
+
 async def parse_body(request: Request, model: type[M], max_items: dict[str, int] | None = None) -> M:
     """The JSON body as `model`. `max_items` caps the length of top-level list fields, checked
     before the (GIL-holding) validation of their items: a request whose list can never fit (more

@@ -15,6 +15,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 
 from herd.server.batch_service import batch_service, caller_key, is_together
 from herd.server.errors import APIError, bad_request
+from herd.server.routes.common import page_limit
 
 router = APIRouter()
 
@@ -140,12 +141,7 @@ async def preprocess(file_id: str, request: Request) -> Response:
 async def list_files(request: Request) -> Response:
     svc = batch_service(request)
     q = request.query_params
-    try:
-        limit = int(q.get("limit") or 10000)
-    except ValueError:
-        raise bad_request("limit must be an integer", param="limit") from None
-    if not 1 <= limit <= 10000:
-        raise bad_request("limit must be in [1, 10000]", param="limit")
+    limit = page_limit(request, 10000, 10000)
     order = q.get("order") or "desc"
     if order not in ("asc", "desc"):
         raise bad_request("order must be asc or desc", param="order")
