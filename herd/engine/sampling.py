@@ -145,15 +145,38 @@ def _adjusts_logits(row: SampleRow) -> bool:
     )
 
 
+ARGMAX_BLOCK = 512
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """The first maximum of each row, as torch.argmax, in two passes over blocks of the row.
+
+    On CPU a reduction that tracks indices over a [rows x vocab] tensor runs about 10x slower
+    than a plain max (2.3 ms vs 0.2 ms for 32 x 49,152 float32, one thread): so first each
+    block's max (no indices), then the index within the first block that holds the row's max.
+    """
+    n, vocab = logits.shape
+    w = ARGMAX_BLOCK
+    if vocab <= 2 * w or logits.device.type != "cpu":
+        return logits.max(dim=-1).indices
+    full = vocab // w * w
+    block_max = logits[:, :full].unflatten(1, (full // w, w)).amax(-1)
+    if full < vocab:
+        block_max = torch.cat([block_max, logits[:, full:].amax(-1, keepdim=True)], 1)
+    start = block_max.max(dim=-1).indices * w  # the first block holding the row's max
+    # The last block may be short: clamped columns repeat the row's last value, after the
+    # real ones, so they never win a tie.
+    cols = (start[:, None] + torch.arange(w, device=logits.device)).clamp_(max=vocab - 1)
+    return start + logits.gather(1, cols).max(dim=-1).indices
+
+
 def sample(logits: torch.Tensor, rows: list[SampleRow], model_logits: torch.Tensor | None = None) -> list[Sampled]:
     """logits [n, vocab] (any float dtype), one row per entry of `rows` -> one token per row.
 
     The common case costs one batched argmax: greedy rows that change no logits skip the
     per-row work, and log-softmax runs only over the rows that asked for logprobs.
     """
-    # Right for plain greedy rows. max().indices is argmax (first maximum on ties) and, on CPU,
-    # several times faster than argmax for bf16 logits.
-    tokens = logits.max(dim=-1).indices.tolist()
+    tokens = argmax_rows(logits).tolist()  # right for plain greedy rows
     for i, row in enumerate(rows):
         p = row.params
         if p.greedy and not _adjusts_logits(row):

@@ -124,3 +124,18 @@ def test_seed_depends_on_position_not_history():
 def test_out_of_range_values_are_refused(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [7, 1024, 1500, 49152, 50001])
+def test_argmax_rows_is_torch_argmax_with_first_index_on_ties(dtype, vocab):
+    from herd.engine.sampling import argmax_rows
+
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(6, vocab, generator=g).to(dtype)
+    logits[1, :] = 0.0  # all tied: the first column
+    logits[2, [3, vocab // 2, vocab - 1]] = 50.0  # ties across blocks
+    logits[3, vocab - 1] = 50.0  # the max in the short last block
+    logits[4, :] = float("-inf")
+    logits[4, vocab // 3] = -1.0
+    assert argmax_rows(logits).tolist() == torch.argmax(logits, dim=-1).tolist()
