@@ -173,10 +173,10 @@ class Engine:
             torch.set_flush_denormal(True)
             torch.set_num_threads(options.cpu_threads or default_cpu_threads())
             log.info("CPU: %d torch thread(s) (--cpu-threads)", torch.get_num_threads())
-            if isinstance(model, torch.nn.Module):
-                warm_up_experts(model, options.max_num_batched_tokens)
             if hasattr(model, "prepack_for_cpu"):
                 log.info("CPU: %d linear layers use oneDNN-packed weights", model.prepack_for_cpu(options.max_num_seqs))
+            if isinstance(model, torch.nn.Module):
+                warm_up_experts(model, options.max_num_batched_tokens)
         bs = options.block_size
         # The cache holds this device's KV heads: model.config is the rank's local config.
         kv_config = getattr(model, "config", text)

@@ -55,12 +55,34 @@ def prepack(weight: torch.Tensor, bias: torch.Tensor | None = None, rows_hint: i
         return None
 
 
+def prepack_fused(linears: list[nn.Module], rows_hint: int = 64) -> PackedLinear | None:
+    """One packed linear that computes several plain nn.Linear of the same input side by side
+    (their outputs concatenated, in order), or None where that does not apply. At decode
+    shapes one GEMM costs about as much as each of the small ones it replaces."""
+    if any(type(m) is not nn.Linear for m in linears):
+        return None
+    biases = [m.bias for m in linears]
+    if any(b is None for b in biases) != all(b is None for b in biases):
+        return None
+    with torch.no_grad():
+        weight = torch.cat([m.weight.detach() for m in linears])
+        bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+    return prepack(weight, bias, rows_hint)
+
+
 def prepack_linears(model: nn.Module, rows_hint: int = 64) -> int:
     """Every plain nn.Linear of `model` on CPU computes through a packed weight from now on
-    (its forward is replaced; hooks still run). Returns how many were packed."""
+    (its forward is replaced; hooks still run). A module with a `prepack_weights(rows)` method
+    (fused projections, routed experts) packs its own weights first; the linears it returns
+    are computed by it and left unpacked here. Returns how many weights were packed."""
     count = 0
-    for module in model.modules():
-        if type(module) is not nn.Linear:
+    covered: set[int] = set()
+    for module in model.modules():  # parents before their children
+        if hasattr(module, "prepack_weights"):
+            done = module.prepack_weights(rows_hint)
+            covered.update(id(m) for m in done)
+            count += bool(done)
+        if type(module) is not nn.Linear or id(module) in covered:
             continue
         packed = prepack(module.weight, module.bias, rows_hint)
         if packed is not None:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from herd.config import RopeScaling
+from herd.model.cpu_linear import prepack_fused
 
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -80,6 +81,14 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.packed_gate_up = None  # gate and up in one GEMM (CPU; prepack_weights)
+
+    def prepack_weights(self, rows_hint: int) -> list[nn.Module]:
+        self.packed_gate_up = prepack_fused([self.gate_proj, self.up_proj], rows_hint)
+        return [self.gate_proj, self.up_proj] if self.packed_gate_up is not None else []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed_gate_up is not None:
+            gate, up = self.packed_gate_up(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

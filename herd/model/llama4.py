@@ -14,7 +14,7 @@ from torch import nn
 
 from herd.config import TextConfig
 from herd.model.attention import AttentionMetadata, LayerKV, paged_attention
-from herd.model.cpu_linear import PackedLinear, linear, prepack, prepack_linears
+from herd.model.cpu_linear import PackedLinear, linear, prepack, prepack_fused, prepack_linears
 from herd.model.layers import (
     RMSNorm,
     SwiGLU,
@@ -23,7 +23,7 @@ from herd.model.layers import (
     rope_cos_sin,
     rope_inv_freq,
 )
-from herd.model.moe import routed_experts, warm_up
+from herd.model.moe import PackedExperts, routed_experts, warm_up
 
 
 class Attention(nn.Module):
@@ -45,12 +45,23 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=bias)
         self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * d, h, bias=bias)
+        self.packed_qkv: PackedLinear | None = None  # q, k and v in one GEMM (CPU; prepack_weights)
+
+    def prepack_weights(self, rows_hint: int) -> list[nn.Module]:
+        projections = [self.q_proj, self.k_proj, self.v_proj]
+        self.packed_qkv = prepack_fused(projections, rows_hint)
+        return projections if self.packed_qkv is not None else []
 
     def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata, kv: LayerKV):
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        if self.packed_qkv is not None:
+            qd, kd = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            q, k, v = self.packed_qkv(x).split([qd, kd, kd], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.use_rope:
             q = apply_rope_interleaved(q, *rope)
             k = apply_rope_interleaved(k, *rope)
@@ -79,10 +90,17 @@ class RoutedExperts(nn.Module):
         self.num_experts = num_experts
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, hidden, 2 * intermediate))
         self.down_proj = nn.Parameter(torch.empty(num_experts, intermediate, hidden))
+        self.packed: PackedExperts | None = None  # set by prepack_weights (CPU)
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """x [T, H]; expert_ids, scores [T, k] -> sum over k of expert(score * x), [T, H]."""
-        return routed_experts(x, expert_ids, scores, self.gate_up_proj, self.down_proj)
+        return routed_experts(x, expert_ids, scores, self.gate_up_proj, self.down_proj, self.packed)
+
+    def prepack_weights(self, rows_hint: int) -> list[nn.Module]:
+        """Packs every expert's weights for oneDNN (CPU); [self] where it applied."""
+        if self.gate_up_proj.device.type == "cpu":
+            self.packed = PackedExperts.pack(self.gate_up_proj.detach(), self.down_proj.detach(), rows_hint)
+        return [self] if self.packed is not None else []
 
 
 class MoE(nn.Module):
@@ -161,10 +179,14 @@ class Llama4TextModel(nn.Module):
 
 def warm_up_experts(model: nn.Module, max_rows: int) -> None:
     """Builds the CPU kernels of the routed experts' bucketed shapes before the first request
-    (herd.model.moe.warm_up; all MoE layers share their shapes, so one layer is enough)."""
+    (herd.model.moe.warm_up; all MoE layers share their shapes, so one layer is enough). Run it
+    after prepack_for_cpu: packed experts have kernels of their own."""
     for module in model.modules():
         if isinstance(module, RoutedExperts):
-            warm_up(module.gate_up_proj, module.down_proj, max_rows=min(max_rows, 512))
+            if module.packed is not None:
+                module.packed.warm_up(max_rows=min(max_rows, 512))
+            else:
+                warm_up(module.gate_up_proj, module.down_proj, max_rows=min(max_rows, 512))
             return
 
 

@@ -91,8 +91,8 @@ def run_worker(spec: WorkerSpec, rank: int, local_rank: int, parent_pid: int | N
             from herd.model.llama4 import warm_up_experts
 
             torch.set_flush_denormal(True)
-            warm_up_experts(model, cache_spec.max_num_batched_tokens)
             model.prepack_for_cpu(cache_spec.max_num_seqs)
+            warm_up_experts(model, cache_spec.max_num_batched_tokens)
         while True:
             message = group.broadcast_object()
             if message is None:
