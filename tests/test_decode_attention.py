@@ -25,7 +25,7 @@ def test_decode_attention_is_sdpa(dtype, blocked, monkeypatch):
         q.float().unsqueeze(2), k.float().transpose(1, 2), v.float().transpose(1, 2),
         attn_mask=valid[:, None, None, :], scale=0.25, enable_gqa=True,
     ).squeeze(2)
-    got = decode_attention(q, k, v, valid, 0.25)
+    got = decode_attention(q, k.transpose(1, 2), v.transpose(1, 2), valid, 0.25)  # [B, Hkv, L, D]
     assert got.dtype == dtype and got.shape == (b, hq, d)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), ref, rtol=tol, atol=tol)

@@ -50,6 +50,16 @@ class DecodePlan:
     slots: torch.Tensor  # [B, L] long: cache slots of the keys each one reads (0 where padded)
     valid: torch.Tensor  # [B, L] bool: which of those are real keys
     others: list[int]  # indices (into seqs) of the sequences that are not decoding
+    all_rows: bool = False  # every row of the batch is a decoding sequence's, in order
+    _head_major: dict = field(default_factory=dict)
+
+    def head_major_index(self, kv_heads: int) -> torch.Tensor:
+        """[B * Hkv * L] rows of a cache viewed as [slots * Hkv, D]: one index_select then gives
+        K or V as [B, Hkv, L, D], the layout the batched products read without a copy."""
+        if kv_heads not in self._head_major:
+            heads = torch.arange(kv_heads, device=self.slots.device)
+            self._head_major[kv_heads] = (self.slots[:, None, :] * kv_heads + heads[None, :, None]).reshape(-1)
+        return self._head_major[kv_heads]
 
 
 @dataclass
@@ -88,7 +98,8 @@ class AttentionMetadata:
         blocks = tables.gather(1, block_index).clamp(min=0)
         slots = torch.where(valid, blocks * bs + positions % bs, 0)
         rows = torch.tensor([self.seqs[i].start for i in decoding], device=device)
-        return DecodePlan(rows, slots, valid, others)
+        all_rows = not others and len(decoding) == self.positions.shape[0]
+        return DecodePlan(rows, slots, valid, others, all_rows)
 
 
 @dataclass
@@ -116,6 +127,14 @@ def _store(cache: torch.Tensor, scales: torch.Tensor | None, slots: torch.Tensor
     scales[slots] = s.view(x.shape[:-1])
 
 
+def _load_heads(cache: torch.Tensor, scales: torch.Tensor | None, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rows of the cache viewed as [slots * Hkv, D] (see DecodePlan.head_major_index)."""
+    flat = cache.view(-1, cache.shape[-1])
+    if scales is None:
+        return flat.index_select(0, index).to(dtype)
+    return flat.index_select(0, index).to(dtype) * scales.view(-1).index_select(0, index)[:, None].to(dtype)
+
+
 def _load(cache: torch.Tensor, scales: torch.Tensor | None, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # index_select, not cache[slots]: on CPU the advanced-indexing gather of these small rows
     # costs about 8x more (measured 206 vs 27 us for 4K slots of [2, 32] bf16).
@@ -132,7 +151,7 @@ DECODE_SCORES_LIMIT = 16 * 2**20
 def decode_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """One query token per sequence: q [B, Hq, D], k/v [B, L, Hkv, D], valid [B, L] -> [B, Hq, D].
+    """One query token per sequence: q [B, Hq, D], k/v [B, Hkv, L, D], valid [B, L] -> [B, Hq, D].
 
     Two small batched matmuls with the query heads of each KV head side by side, in the model's
     dtype (as transformers' eager attention: bf16 products, float32 softmax); the float32 copies
@@ -141,20 +160,18 @@ def decode_attention(
     query rows; bf16 worst).
     """
     b, hq, d = q.shape
-    hkv = k.shape[2]
-    if b * hq * k.shape[1] > DECODE_SCORES_LIMIT:
+    hkv = k.shape[1]
+    if b * hq * k.shape[2] > DECODE_SCORES_LIMIT:
         o = F.scaled_dot_product_attention(
-            q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2),
-            attn_mask=valid[:, None, None, :], scale=scale, enable_gqa=True,
+            q.unsqueeze(2), k, v, attn_mask=valid[:, None, None, :], scale=scale, enable_gqa=True
         )
         return o.squeeze(2)
     # Query head h reads KV head h // (hq / hkv), as SDPA's enable_gqa does.
     qg = q.view(b, hkv, hq // hkv, d)
-    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).float() * scale  # [B, Hkv, G, L]
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [B, Hkv, G, L]
     scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    o = torch.matmul(probs, v.transpose(1, 2))  # [B, Hkv, G, D]
-    return o.reshape(b, hq, d)
+    return torch.matmul(probs, v).reshape(b, hq, d)  # [B, Hkv, G, D] -> [B, Hq, D]
 
 
 def paged_attention(
@@ -174,19 +191,30 @@ def paged_attention(
     _store(cache.k, cache.k_scale, tables.slot_mapping, k_new)
     _store(cache.v, cache.v_scale, tables.slot_mapping, v_new)
 
-    out = torch.empty_like(q)
     plan = meta.decode_plan(cache.group, chunk_size)
     if len(plan.rows):
         b, width = plan.slots.shape
-        k = _load(cache.k, cache.k_scale, plan.slots.reshape(-1), q.dtype).view(b, width, *cache.k.shape[1:])
-        v = _load(cache.v, cache.v_scale, plan.slots.reshape(-1), q.dtype).view(b, width, *cache.v.shape[1:])
+        hkv, d = cache.k.shape[1:]
+        index = plan.head_major_index(hkv)
+        k = _load_heads(cache.k, cache.k_scale, index, q.dtype).view(b, hkv, width, d)
+        v = _load_heads(cache.v, cache.v_scale, index, q.dtype).view(b, hkv, width, d)
+        if plan.all_rows:  # a pure decode step: nothing to scatter
+            return decode_attention(q, k, v, plan.valid, scale)
+        out = torch.empty_like(q)
         out[plan.rows] = decode_attention(q[plan.rows], k, v, plan.valid, scale)
+    else:
+        out = torch.empty_like(q)
     bs = meta.block_size
     for i in plan.others:
         seq = meta.seqs[i]
-        q_pos = meta.positions[seq.start : seq.end]
         # New tokens are the last of the context, so the first one's position is known on the host.
         first = seq.context_len - (seq.end - seq.start)
+        if cache.k_scale is None and first % (chunk_size or seq.context_len) == 0:
+            # Nothing before the new tokens in their window (a fresh prompt; a chunk boundary):
+            # each window attends causally to its own new K/V, no gather and no mask to build.
+            _causal_windows(q, k_new, v_new, out, seq.start, seq.end, chunk_size, scale)
+            continue
+        q_pos = meta.positions[seq.start : seq.end]
         lo = 0 if chunk_size is None else (first // chunk_size) * chunk_size
         k_pos = torch.arange(lo, seq.context_len, device=q.device)
         table = tables.block_tables[i]
@@ -206,3 +234,20 @@ def paged_attention(
         )
         out[seq.start : seq.end] = o.squeeze(0).transpose(0, 1)
     return out
+
+
+def _causal_windows(q, k, v, out, start: int, end: int, chunk_size: int | None, scale: float) -> None:
+    """Causal attention of rows [start, end) among themselves, cut into windows of chunk_size
+    rows (the first row begins a window), written to out."""
+    step = end - start if chunk_size is None else chunk_size
+    for a in range(start, end, step):
+        b = min(end, a + step)
+        o = F.scaled_dot_product_attention(
+            q[a:b].transpose(0, 1).unsqueeze(0),
+            k[a:b].transpose(0, 1).unsqueeze(0),
+            v[a:b].transpose(0, 1).unsqueeze(0),
+            is_causal=True,
+            scale=scale,
+            enable_gqa=True,
+        )
+        out[a:b] = o.squeeze(0).transpose(0, 1)
