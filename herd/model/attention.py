@@ -70,6 +70,7 @@ class AttentionMetadata:
     block_size: int
     # Built on first use by the first layer of each (group, chunking), reused by the others.
     decode_plans: dict = field(default_factory=dict)
+    memo: dict = field(default_factory=dict)  # other per-step values the layers share
 
     def decode_plan(self, group: str, chunk_size: int | None) -> DecodePlan:
         key = (group, chunk_size)

@@ -18,8 +18,8 @@ def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     Llama 4's QK norm is exactly this with no weight (not F.normalize, which would divide by
     the L2 norm and be off by sqrt(head_dim)).
     """
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+    # F.rms_norm on the float32 copy is this formula in one kernel (bit-identical, fewer ops).
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x)
 
 
 class RMSNorm(nn.Module):
@@ -55,10 +55,18 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> t
     return scaled
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [T, head_dim/2] in float32 for the given token positions."""
+def rope_cis(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """The rotary factors e^(i * position * freq) [T, head_dim/2], complex64."""
     angles = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]
-    return torch.cos(angles), torch.sin(angles)
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def apply_rope_complex(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
+    """apply_rope_interleaved with the pairs as complex numbers: x [T, heads, head_dim] times
+    cis [T, head_dim/2] (rope_cis), in float32. One complex product instead of four real ones
+    and a stack: the same result up to rounding, several times faster on CPU."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * cis[:, None, :]).flatten(-2).type_as(x)
 
 
 def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

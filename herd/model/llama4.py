@@ -18,9 +18,9 @@ from herd.model.cpu_linear import PackedLinear, linear, prepack, prepack_fused, 
 from herd.model.layers import (
     RMSNorm,
     SwiGLU,
-    apply_rope_interleaved,
+    apply_rope_complex,
     rms_normalize,
-    rope_cos_sin,
+    rope_cis,
     rope_inv_freq,
 )
 from herd.model.moe import PackedExperts, routed_experts, warm_up
@@ -52,29 +52,36 @@ class Attention(nn.Module):
         self.packed_qkv = prepack_fused(projections, rows_hint)
         return projections if self.packed_qkv is not None else []
 
-    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata, kv: LayerKV):
-        t = x.shape[0]
+    def forward(self, x, rope: torch.Tensor, meta: AttentionMetadata, kv: LayerKV):
+        """rope: the step's rotary factors (rope_cis of the positions)."""
+        t, hq, hkv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         if self.packed_qkv is not None:
-            qd, kd = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-            q, k, v = self.packed_qkv(x).split([qd, kd, kd], dim=-1)
+            qk, v = self.packed_qkv(x).split([(hq + hkv) * d, hkv * d], dim=-1)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
+            qk, v = torch.cat([self.q_proj(x), self.k_proj(x)], dim=-1), self.v_proj(x)
+        # Query and key heads side by side: rotary embedding and QK norm run once for both.
+        qk = qk.view(t, hq + hkv, d)
         if self.use_rope:
-            q = apply_rope_interleaved(q, *rope)
-            k = apply_rope_interleaved(k, *rope)
+            qk = apply_rope_complex(qk, rope)
         if self.use_qk_norm:
-            q = rms_normalize(q, self.eps)
-            k = rms_normalize(k, self.eps)
+            qk = rms_normalize(qk, self.eps)
+        q, k = qk.split([hq, hkv], dim=1)
+        v = v.view(t, hkv, d)
         if self.temperature_tuning:
-            # NoPE layers sharpen attention as the position grows (arXiv 2501.19399).
-            pos = meta.positions.float()
-            scales = torch.log1p(torch.floor((pos + 1.0) / self.floor_scale)) * self.attn_scale + 1.0
-            q = (q * scales[:, None, None]).to(q.dtype)
-        out = paged_attention(q, k, v, kv, meta, self.head_dim**-0.5, self.chunk_size)
+            q = (q * nope_query_scales(meta, self.floor_scale, self.attn_scale)).to(q.dtype)
+        out = paged_attention(q, k, v, kv, meta, d**-0.5, self.chunk_size)
         return self.o_proj(out.reshape(t, -1))
+
+
+def nope_query_scales(meta: AttentionMetadata, floor_scale: float, attn_scale: float) -> torch.Tensor:
+    """[T, 1, 1] float32 query scales of the NoPE layers: they sharpen attention as the position
+    grows (arXiv 2501.19399). The same for every such layer of a step: computed once."""
+    key = ("nope_scales", floor_scale, attn_scale)
+    if key not in meta.memo:
+        pos = meta.positions.float()
+        scales = torch.log1p(torch.floor((pos + 1.0) / floor_scale)) * attn_scale + 1.0
+        meta.memo[key] = scales[:, None, None]
+    return meta.memo[key]
 
 
 class RoutedExperts(nn.Module):
@@ -153,7 +160,7 @@ class Llama4TextModel(nn.Module):
     ) -> torch.Tensor:
         """input_ids [T] (flat batch) -> final hidden states [T, hidden]."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        rope = rope_cos_sin(meta.positions, self.inv_freq)
+        rope = rope_cis(meta.positions, self.inv_freq)
         for layer, layer_kv in zip(self.layers, kv):
             x = layer(x, rope, meta, layer_kv)
         return self.norm(x)

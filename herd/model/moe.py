@@ -54,14 +54,16 @@ def route(
     """
     top_k = expert_ids.shape[1]
     flat = expert_ids.flatten()
-    token = torch.arange(x.shape[0], device=x.device).repeat_interleave(top_k)
     flat_scores = scores.flatten()
-    local = (flat >= 0) & (flat < num_experts)
-    if not bool(local.all()):
-        flat, token, flat_scores = flat[local], token[local], flat_scores[local]
+    pair = None  # which (token, k) pairs are kept, when some belong to other ranks
+    lo, hi = torch.aminmax(flat)
+    if lo < 0 or hi >= num_experts:
+        pair = ((flat >= 0) & (flat < num_experts)).nonzero()[:, 0]
+        flat, flat_scores = flat[pair], flat_scores[pair]
     order = torch.argsort(flat, stable=True)
-    token_of = token[order]
-    rows = x[token_of] * flat_scores[order, None].to(x.dtype)
+    pair_of = order if pair is None else pair[order]
+    token_of = pair_of if top_k == 1 else pair_of // top_k  # pairs are laid out [T, k] row-major
+    rows = x.index_select(0, token_of) * flat_scores.index_select(0, order)[:, None].to(x.dtype)
     return rows, token_of, torch.bincount(flat, minlength=num_experts)
 
 
