@@ -3,7 +3,10 @@
 EngineClient starts the engine-core process (herd.engine.core) and owns it, or connects to one
 that a supervisor started (`--api-server-count N`). Coroutines call `generate()`; one background
 thread owns the ZeroMQ socket: it forwards what coroutines send, receives each step's outputs
-and hands every request its delta on its own asyncio queue. If the core process dies, every
+(token ids only), makes their text (herd.engine.outputs.RequestText: detokenizing, stop strings)
+and hands every request its RequestOutput on its own asyncio queue. When a stop string ends a
+sample, that thread aborts the sample in the core at once, so its KV blocks are freed within a
+step; what the core sampled after it is dropped. If the core process dies, every
 request in flight fails at once and `is_running` turns False.
 """
 
@@ -28,7 +31,7 @@ import zmq
 from herd.config import load_config
 from herd.engine import messages as m
 from herd.engine.engine import EngineStats
-from herd.engine.outputs import CompletionOutput, RequestOutput
+from herd.engine.outputs import RequestOutput, RequestText, sequence_id
 from herd.engine.request import ImageInput
 from herd.engine.sampling import SamplingParams
 from herd.model_source import resolve_model_dir
@@ -125,54 +128,6 @@ def wait_until_ready(address: str, process: subprocess.Popen, timeout: float | N
         context.term()
 
 
-class _Accumulator:
-    """Adds up one request's deltas into the RequestOutput the routes know (cumulative text,
-    tokens and logprobs, plus this step's deltas)."""
-
-    def __init__(self, request_id: str, prompt_ids: list[int], prompt: str | None, params: SamplingParams):
-        self.request_id = request_id
-        self.prompt_ids = prompt_ids
-        self.prompt = prompt
-        self.texts = [""] * params.n
-        self.token_ids: list[list[int]] = [[] for _ in range(params.n)]
-        self.logprobs: list[list | None] = [[] if params.logprobs is not None else None for _ in range(params.n)]
-        self.prompt_logprobs = None
-
-    def add(self, delta: m.RequestDelta) -> RequestOutput:
-        if delta.prompt_logprobs is not None:
-            self.prompt_logprobs = delta.prompt_logprobs
-        outputs = []
-        for s in delta.seqs:
-            i = s.index
-            self.texts[i] += s.text
-            self.token_ids[i].extend(s.token_ids)
-            logprobs = self.logprobs[i]
-            if logprobs is not None and s.logprobs:
-                logprobs.extend(s.logprobs)
-            outputs.append(
-                CompletionOutput(
-                    index=i,
-                    text=self.texts[i],
-                    token_ids=list(self.token_ids[i]),
-                    finish_reason=s.finish_reason,
-                    stop_reason=s.stop_reason,
-                    logprobs=list(logprobs) if logprobs is not None else None,
-                    delta_text=s.text,
-                    delta_token_ids=s.token_ids,
-                    delta_logprobs=s.logprobs or [],
-                )
-            )
-        return RequestOutput(
-            request_id=self.request_id,
-            prompt_token_ids=self.prompt_ids,
-            outputs=outputs,
-            finished=delta.finished,
-            prompt=self.prompt,
-            num_cached_tokens=delta.num_cached_tokens,
-            prompt_logprobs=self.prompt_logprobs,
-        )
-
-
 class EngineClient:
     """What the server uses of the engine: generate, abort, stats, limits, tokenizer, config."""
 
@@ -206,7 +161,8 @@ class EngineClient:
         self.accepts_images = self.info.accepts_images
         self.generation_defaults = self.info.generation_defaults
         self._stats = EngineStats(0, 0, 0.0, 0, 0, 0, 0, 0)
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        # request id -> its consumer's event loop, its queue, and its text (the receiver's alone)
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, RequestText]] = {}
         # Coroutines on any thread send through this inproc pair; only the receiver thread
         # touches the socket to the core (ZeroMQ sockets belong to one thread).
         self._send_lock = threading.Lock()
@@ -265,13 +221,13 @@ class EngineClient:
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         stream: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        text = RequestText(request_id, list(prompt_ids), prompt, params, self.tokenizer)
+        self._streams[request_id] = (asyncio.get_running_loop(), stream, text)
         if self.error is not None:  # it died after the check above: nothing would answer
             self._streams.pop(request_id, None)
             raise EngineDeadError(self.error)
         metas, frames = m.image_frames(images)
         self._send([m.ADD, m.encoder.encode(m.AddRequest(request_id, list(prompt_ids), params, prompt, metas)), *frames])
-        outputs = _Accumulator(request_id, prompt_ids, prompt, params)
         finished = False
         try:
             while True:
@@ -279,9 +235,8 @@ class EngineClient:
                 if isinstance(item, BaseException):
                     finished = True  # the core has already forgotten it
                     raise item
-                out = outputs.add(item)
-                finished = out.finished
-                yield out
+                finished = item.finished
+                yield item
                 if finished:
                     return
         finally:
@@ -376,15 +331,34 @@ class EngineClient:
     def _dispatch(self, message: m.StepOutputs) -> None:
         self._stats = message.stats
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        aborts: list[str] = []
         for delta in message.outputs:
             target = self._streams.get(delta.request_id)
-            if target is not None:
-                by_loop.setdefault(target[0], []).append((target[1], delta))
+            if target is None:
+                continue
+            loop, stream, text = target
+            if text.finished:
+                continue  # a stop string ended it here; the core's abort may still be on its way
+            try:
+                item, stopped = text.add(delta)
+            except Exception as e:  # one request's text must not take the others down
+                log.exception("could not make the text of request %s", delta.request_id)
+                item, stopped = RuntimeError(f"the engine output could not be decoded: {e}"), []
+                if not delta.finished:
+                    aborts.append(delta.request_id)
+            if stopped:  # stop strings ended these samples: the core stops them now
+                if item.finished and not delta.finished:
+                    aborts.append(delta.request_id)
+                elif not item.finished:
+                    aborts += [sequence_id(delta.request_id, len(text.seqs), i) for i in stopped]
+            by_loop.setdefault(loop, []).append((stream, item))
         for error in message.errors:
             target = self._streams.get(error.request_id)
             if target is not None:
                 item = ValueError(error.message) if error.invalid else RuntimeError(error.message)
                 by_loop.setdefault(target[0], []).append((target[1], item))
+        if aborts:
+            self._core.send_multipart([m.ABORT, m.encoder.encode(aborts)])
         for loop, items in by_loop.items():  # one wake-up per event loop per step
             try:
                 loop.call_soon_threadsafe(_put_all, items)
@@ -395,7 +369,7 @@ class EngineClient:
         self.error = reason
         log.error("%s; failing %d requests in flight", reason, len(self._streams))
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for loop, stream in list(self._streams.values()):
+        for loop, stream, _ in list(self._streams.values()):
             by_loop.setdefault(loop, []).append((stream, EngineDeadError(reason)))
         for loop, items in by_loop.items():
             try:

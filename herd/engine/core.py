@@ -1,5 +1,7 @@
 """The engine-core process: `herd serve` runs the engine here, away from HTTP, so parsing,
-templating, detokenizing for SSE and JSON never take turns with the model on one GIL.
+templating, detokenizing, stop strings, SSE and JSON never take turns with the model on one GIL.
+The core only samples tokens: it sends token ids (and logprobs), never text; the API server makes
+the text and, when a stop string ends a sample, aborts it here (herd.engine.client).
 
 The loop never waits on an API server: it takes whatever messages have arrived (add, abort),
 steps while there is work, and sends each API server all of its requests' outputs of the step
@@ -26,7 +28,7 @@ import msgspec
 
 from herd.engine import messages as m
 from herd.engine.engine import Engine, _load_engine
-from herd.engine.outputs import RequestOutput
+from herd.engine.outputs import RequestTokens
 
 log = logging.getLogger("herd.engine.core")
 
@@ -41,7 +43,6 @@ class EngineCore:
         self.engine = engine
         self.owner: dict[str, bytes] = {}  # request id -> the API server (socket identity) that sent it
         self.clients: set[bytes] = set()
-        self.sent_prompt_logprobs: set[str] = set()
         self._pending: dict[bytes, m.StepOutputs] = {}
         self._last_stats: dict[bytes, m.EngineStats] = {}
 
@@ -89,9 +90,11 @@ class EngineCore:
             self._for(client).errors.append(m.RequestError(rid, False, f"the request could not be started: {e}"))
 
     def abort(self, request_ids: list[str]) -> None:
+        """Requests, or single samples of n > 1 (`rid#i`, which a stop string ended)."""
         for rid in request_ids:
-            self.engine.abort(rid)
-            self._forget(rid)
+            ended = self.engine.abort(rid)
+            if ended is not None:
+                self._forget(ended)
 
     def drop_client(self, client: bytes) -> None:
         """An API server is gone (its process died): its requests stop and free their blocks."""
@@ -101,11 +104,10 @@ class EngineCore:
 
     def _forget(self, rid: str) -> None:
         self.owner.pop(rid, None)
-        self.sent_prompt_logprobs.discard(rid)
 
     def step(self) -> None:
         try:
-            outputs = self.engine.step()
+            outputs = self.engine.step_tokens()
         except Exception as e:
             if getattr(e, "fatal", False):
                 raise  # the engine cannot go on (a parallel rank died): the process ends, clients see it
@@ -127,19 +129,10 @@ class EngineCore:
             if out.finished:
                 self._forget(out.request_id)
 
-    def _delta(self, out: RequestOutput) -> m.RequestDelta:
-        prompt_logprobs = None
-        if out.prompt_logprobs is not None and out.request_id not in self.sent_prompt_logprobs:
-            self.sent_prompt_logprobs.add(out.request_id)
-            prompt_logprobs = out.prompt_logprobs
-        seqs = [
-            m.SeqDelta(
-                o.index, o.delta_text, o.delta_token_ids, o.delta_logprobs if o.logprobs is not None else None,
-                o.finish_reason, o.stop_reason,
-            )
-            for o in out.outputs
-        ]
-        return m.RequestDelta(out.request_id, seqs, out.finished, out.num_cached_tokens, prompt_logprobs)
+    @staticmethod
+    def _delta(out: RequestTokens) -> m.RequestDelta:
+        seqs = [m.SeqDelta(s.index, s.token_ids, s.logprobs, s.finish_reason, s.stop_reason) for s in out.seqs]
+        return m.RequestDelta(out.request_id, seqs, out.finished, out.num_cached_tokens, out.prompt_logprobs)
 
     def take_messages(self) -> list[tuple[bytes, m.StepOutputs]]:
         """One message per API server that has outputs, errors, or figures that changed."""

@@ -1,7 +1,9 @@
 """The engine: requests (token ids and pixels) in, tokens out, one step at a time.
 
-Two doors drive the same `Engine.step` (one generation path): herd.llm.LLM in-process, and the
-engine-core process (herd.engine.core) under `herd serve`.
+Two doors drive the same step (one generation path): herd.llm.LLM in-process through
+`Engine.step`, which adds the text (herd.engine.outputs.RequestText) to `Engine.step_tokens`,
+and the engine-core process (herd.engine.core) under `herd serve`, which sends the bare tokens of
+`Engine.step_tokens` to the API server, where the same RequestText makes the text.
 """
 
 from __future__ import annotations
@@ -26,10 +28,10 @@ from herd.engine.options import (
     engine_options_from,
     resolve_engine_options,
 )
-from herd.engine.outputs import CompletionOutput, OutputTracker, RequestOutput
+from herd.engine.outputs import CompletionOutput, RequestOutput, RequestText, RequestTokens, SeqTokens, sequence_id
 from herd.engine.request import ImageInput, Request
 from herd.engine.runner import Runner
-from herd.engine.sampling import SamplingParams
+from herd.engine.sampling import Sampled, SamplingParams
 from herd.engine.scheduler import Scheduler
 from herd.model.attention import CHUNKED, GLOBAL
 from herd.model.llama4 import warm_up_experts
@@ -128,27 +130,28 @@ def generation_defaults(model_dir: Path) -> dict[str, Any]:
 class _Group:
     """One submitted request: its n parallel samples share the prompt."""
 
-    def __init__(self, request_id: str, prompt_ids: list[int], prompt: str | None, trackers: list[OutputTracker]):
+    def __init__(self, request_id: str, prompt_ids: list[int], prompt: str | None, params: SamplingParams,
+                 requests: list[Request]):
         self.request_id = request_id
         self.prompt_ids = prompt_ids
         self.prompt = prompt
-        self.trackers = trackers
+        self.params = params
+        self.requests = requests
+        self.sent_prompt_logprobs = False
+        self.text: RequestText | None = None  # made by Engine.step (the in-process door) only
 
     @property
     def finished(self) -> bool:
-        return all(t.request.finished for t in self.trackers)
+        return all(r.finished for r in self.requests)
 
-    def output(self) -> RequestOutput:
-        first = self.trackers[0].request
-        return RequestOutput(
-            request_id=self.request_id,
-            prompt_token_ids=self.prompt_ids,
-            prompt=self.prompt,
-            outputs=[t.output() for t in self.trackers],
-            finished=self.finished,
-            num_cached_tokens=first.num_cached_tokens,
-            prompt_logprobs=first.prompt_logprobs if first.params.prompt_logprobs is not None else None,
-        )
+    def tokens(self, seqs: list[SeqTokens]) -> RequestTokens:
+        first = self.requests[0]
+        prompt_logprobs = None
+        if first.params.prompt_logprobs is not None and first.prompt_logprobs is not None:
+            if not self.sent_prompt_logprobs:  # they are complete once the first token is sampled
+                self.sent_prompt_logprobs = True
+                prompt_logprobs = first.prompt_logprobs
+        return RequestTokens(self.request_id, seqs, self.finished, first.num_cached_tokens, prompt_logprobs)
 
 
 class Engine:
@@ -245,43 +248,52 @@ class Engine:
         room = self.max_model_len - len(prompt_ids)
         max_tokens = min(params.max_tokens or self.generation_defaults.get("max_tokens") or room, room)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
-        trackers = []
+        requests: list[Request] = []
         for i in range(params.n):
             child_params = params
             if params.seed is not None and i > 0:
                 # Each sample draws its own numbers, still reproducible from the one seed.
                 child_params = dataclasses.replace(params, seed=params.seed + i * 1_000_003)
             child = Request(
-                request_id if params.n == 1 else f"{request_id}#{i}",
+                sequence_id(request_id, params.n, i),
                 list(prompt_ids),
                 child_params,
                 max_tokens,
                 stop_ids,
                 # Later samples start once the first has the prompt in the prefix cache.
-                wait_for=trackers[0].request if trackers and self.blocks.enable_prefix_caching else None,
+                wait_for=requests[0] if requests and self.blocks.enable_prefix_caching else None,
                 images=list(images or []),
             )
             if params.structured_outputs is not None:
                 child.grammar = self.grammars.start(params.structured_outputs)
-            trackers.append(OutputTracker(child, self.tokenizer, i, self.max_model_len))
-        group = _Group(request_id, list(prompt_ids), prompt, trackers)
+            requests.append(child)
+        group = _Group(request_id, list(prompt_ids), prompt, params, requests)
         self._groups[request_id] = group
-        for t in trackers:
-            self._group_of[t.request.request_id] = group
-            self.scheduler.add(t.request)
+        for r in requests:
+            self._group_of[r.request_id] = group
+            self.scheduler.add(r)
         return request_id
 
-    def abort(self, request_id: str) -> RequestOutput | None:
-        """Stops a request at once and frees everything it held."""
-        group = self._groups.pop(request_id, None)
-        if group is None:
+    def abort(self, request_id: str) -> str | None:
+        """Stops a request at once and frees everything it held; given one sample's
+        sequence_id (n > 1), stops that sample alone. Returns the id of the request that
+        ended with it (once its last sample is over), if any."""
+        group = self._groups.get(request_id)
+        if group is not None:
+            targets = group.requests
+        else:
+            group = self._group_of.get(request_id)
+            if group is None:
+                return None
+            targets = [r for r in group.requests if r.request_id == request_id]
+        for r in targets:
+            if not r.finished:
+                r.finish("abort")
+                self.scheduler.finish(r)
+        if not group.finished:
             return None
-        for t in group.trackers:
-            self._group_of.pop(t.request.request_id, None)
-            if not t.request.finished:
-                t.request.finish("abort")
-                self.scheduler.finish(t.request)
-        return group.output()
+        self._close(group)
+        return group.request_id
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -301,6 +313,9 @@ class Engine:
     def active_request_ids(self) -> list[str]:
         return list(self._groups)
 
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self._groups
+
     def stats(self) -> EngineStats:
         pools = self.cache.pools.values()
         return EngineStats(
@@ -316,7 +331,28 @@ class Engine:
 
     # -- stepping -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Runs one scheduled batch; returns an output for every request that made progress."""
+        """Runs one scheduled batch; returns an output, with its text, for every request that
+        made progress (the in-process door; the engine-core process uses step_tokens)."""
+        outputs = []
+        for group, tokens in self._step():
+            if group.text is None:
+                group.text = RequestText(group.request_id, group.prompt_ids, group.prompt, group.params, self.tokenizer)
+            out, stopped = group.text.add(tokens)
+            for i in stopped:  # a stop string ended it: it takes no further step
+                r = group.requests[i]
+                r.finish("stop", group.text.seqs[i].stop_reason)
+                self.scheduler.finish(r)
+            if stopped and group.finished:
+                self._close(group)
+            outputs.append(out)
+        return outputs
+
+    def step_tokens(self) -> list[RequestTokens]:
+        """Runs one scheduled batch; returns the new tokens of every request that made
+        progress, without text (stop strings are the caller's: see RequestText)."""
+        return [tokens for _, tokens in self._step()]
+
+    def _step(self) -> list[tuple[_Group, RequestTokens]]:
         failed = self._fail_broken_grammars()
         if failed:
             return failed
@@ -328,56 +364,65 @@ class Engine:
                 return []
             if self.scheduler.waiting and not self.scheduler.running:
                 # Nothing fits even alone: refuse the head of the queue rather than hang.
-                r = self.scheduler.waiting[0]
-                group = self._group_of[r.request_id]
-                for t in group.trackers:
-                    if not t.request.finished:
-                        t.request.finish("error", "the request does not fit in the KV cache")
-                        self.scheduler.finish(t.request)
-                return [self._close(group)]
+                group = self._group_of[self.scheduler.waiting[0].request_id]
+                return [self._fail(group, "the request does not fit in the KV cache")]
             return []
         sampled = self.runner.execute(batch)
         self.scheduler.after_step(batch)
-        progressed: dict[str, _Group] = {}
+        progressed: dict[str, tuple[_Group, list[SeqTokens]]] = {}
         for item, result in zip(batch, sampled):
             r = item.request
             if result is None:
                 continue
             group = self._group_of[r.request_id]
-            group.trackers[self._index(group, r)].append(result)
+            self._append(r, result)
             if r.grammar is not None and not r.grammar.accept(result.token_id) and not r.finished:
                 r.finish("error", "the sampled token does not follow the grammar")
             if r.finished:
                 self.scheduler.finish(r)
-            progressed[group.request_id] = group
+            logprobs = [result.top_logprobs] if r.params.logprobs is not None else None
+            seq = SeqTokens(group.requests.index(r), [result.token_id], logprobs, r.finish_reason, r.stop_reason)
+            progressed.setdefault(group.request_id, (group, []))[1].append(seq)
         outputs = []
-        for group in progressed.values():
-            outputs.append(self._close(group) if group.finished else group.output())
+        for group, seqs in progressed.values():
+            outputs.append((group, group.tokens(seqs)))
+            if group.finished:
+                self._close(group)
         return outputs
 
-    def _fail_broken_grammars(self) -> list[RequestOutput]:
+    def _append(self, r: Request, result: Sampled) -> None:
+        """A sampled token; the sample ends on a stop token (after min_tokens) or its length."""
+        r.output_ids.append(result.token_id)
+        if result.token_id in r.stop_ids and len(r.output_ids) > r.params.min_tokens:
+            r.finish("stop", result.token_id)
+        elif len(r.output_ids) >= r.max_tokens or r.num_tokens >= self.max_model_len:
+            r.finish("length")
+
+    def _fail(self, group: _Group, message: str) -> tuple[_Group, RequestTokens]:
+        """Ends every sample of a request that has not ended yet, as an error."""
+        seqs = []
+        for i, r in enumerate(group.requests):
+            if not r.finished:
+                r.finish("error", message)
+                self.scheduler.finish(r)
+                seqs.append(SeqTokens(i, [], [] if r.params.logprobs is not None else None, "error", message))
+        self._close(group)
+        return group, group.tokens(seqs)
+
+    def _fail_broken_grammars(self) -> list[tuple[_Group, RequestTokens]]:
         """Ends the waiting requests whose grammar failed to compile (validation at submission
         catches nearly all such grammars; this is the engine's own safety net)."""
         outputs = []
         for r in list(self.scheduler.waiting):
             group = self._group_of.get(r.request_id)
             if group is not None and r.grammar is not None and r.grammar.ready and r.grammar.error is not None:
-                for t in group.trackers:
-                    if not t.request.finished:
-                        t.request.finish("error", f"the grammar could not be compiled: {r.grammar.error}")
-                        self.scheduler.finish(t.request)
-                outputs.append(self._close(group))
+                outputs.append(self._fail(group, f"the grammar could not be compiled: {r.grammar.error}"))
         return outputs
 
-    @staticmethod
-    def _index(group: _Group, r: Request) -> int:
-        return next(i for i, t in enumerate(group.trackers) if t.request is r)
-
-    def _close(self, group: _Group) -> RequestOutput:
+    def _close(self, group: _Group) -> None:
         self._groups.pop(group.request_id, None)
-        for t in group.trackers:
-            self._group_of.pop(t.request.request_id, None)
-        return group.output()
+        for r in group.requests:
+            self._group_of.pop(r.request_id, None)
 
 
 def _load_engine(model, dtype, device, engine_options) -> Engine:

@@ -1,8 +1,9 @@
 """What the API server and the engine-core process say to each other, encoded with msgspec
 (msgpack). Each message is a ZeroMQ multipart message: [kind, msgpack body, *raw tensor frames].
 
-Outputs travel as deltas (new tokens, new text, new logprobs): the client adds them up, so a
-long generation costs the same bytes per step as a short one. Image pixels never go through
+Outputs travel as deltas (new token ids and logprobs, never text: the API server detokenizes and
+matches stop strings itself): the client adds them up, so a long generation costs the same bytes
+per step as a short one. Image pixels never go through
 msgpack or pickle: each tensor is one raw frame, described by an ImageMeta in the body.
 """
 
@@ -23,7 +24,7 @@ HELLO = b"hello"  # client -> core: "I am here"; the core answers READY or FAILE
 READY = b"ready"
 FAILED = b"failed"  # the core could not load the model: the body is the message for the user
 ADD = b"add"
-ABORT = b"abort"
+ABORT = b"abort"  # request ids, or one sample's sequence id (`rid#i`) that a stop string ended
 SHUTDOWN = b"shutdown"  # from the process that owns the core
 BYE = b"bye"  # client -> core: this client is leaving; its requests (if any) are aborted
 OUTPUTS = b"outputs"
@@ -56,17 +57,18 @@ class AddRequest(msgspec.Struct, array_like=True):
 
 
 class SeqDelta(msgspec.Struct, array_like=True):
-    """What one of a request's n samples gained in one step."""
+    """What one of a request's n samples gained in one step (herd.engine.outputs.SeqTokens)."""
 
     index: int
-    text: str
     token_ids: list[int]
     logprobs: list[dict[int, float]] | None  # None when the request asked for none
-    finish_reason: str | None
+    finish_reason: str | None  # "stop" here is a stop token; stop strings are the API server's
     stop_reason: int | str | None
 
 
 class RequestDelta(msgspec.Struct, array_like=True):
+    """herd.engine.outputs.RequestTokens on the wire: only the samples that changed."""
+
     request_id: str
     seqs: list[SeqDelta]
     finished: bool

@@ -1,17 +1,50 @@
-"""What the engine hands back: results with cumulative state and per-step deltas.
+"""What the engine hands back: per-step token outputs, and the results with text built from them.
 
-The text of a request is built incrementally (streaming-safe detokenization); stop strings are
-matched on that text across token boundaries, and while a request runs, the tail that could
-still turn out to be the start of a stop string is held back from the deltas.
+The engine only samples tokens: each step it reports, per request, what its samples gained
+(RequestTokens). Text is made where those tokens arrive, by one class, RequestText, used by both
+doors: the in-process Engine.step (herd.llm.LLM) and, under `herd serve`, the API server's
+EngineClient, so the engine-core process never detokenizes. RequestText builds each sample's
+text incrementally (streaming-safe detokenization), matches stop strings on that text across
+token boundaries and, while a sample runs, holds back the tail that could still turn out to be
+the start of a stop string. A stop string is found after the engine sampled the token that
+completed it; whoever drives the engine then ends that sample there (Engine.step at once, the
+API server with an abort), and tokens the engine sampled after it are never shown.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from herd.engine.request import Request
-from herd.engine.sampling import Sampled
+from herd.engine.sampling import SamplingParams
 from herd.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+def sequence_id(request_id: str, n: int, index: int) -> str:
+    """The engine's id of sample `index` of a request with n samples (what Engine.abort takes
+    to stop that sample alone)."""
+    return request_id if n == 1 else f"{request_id}#{index}"
+
+
+@dataclass
+class SeqTokens:
+    """What one of a request's n samples gained in one engine step."""
+
+    index: int
+    token_ids: list[int]
+    logprobs: list[dict[int, float]] | None  # one per token; None when the request asked for none
+    finish_reason: str | None  # "stop" (a stop token) | "length" | "abort" | "error"; None while running
+    stop_reason: int | str | None = None  # the stop token id, or an error's message
+
+
+@dataclass
+class RequestTokens:
+    """One request's step: only the samples that gained a token or ended in it."""
+
+    request_id: str
+    seqs: list[SeqTokens]
+    finished: bool  # every sample has ended in the engine
+    num_cached_tokens: int
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # once, with the first output
 
 
 @dataclass
@@ -46,43 +79,52 @@ class RequestOutput:
         return sum(len(o.token_ids) for o in self.outputs)
 
 
-class OutputTracker:
-    """Turns one sequence's sampled tokens into text, finish decisions and deltas."""
+class SequenceText:
+    """One sample: its tokens in, its text, finish decision and deltas out."""
 
-    def __init__(self, request: Request, tokenizer: Tokenizer, index: int, max_model_len: int):
-        self.request = request
+    def __init__(self, params: SamplingParams, tokenizer: Tokenizer, index: int):
+        self.params = params
         self.index = index
-        self.max_model_len = max_model_len
-        self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=request.params.skip_special_tokens)
+        self.detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=params.skip_special_tokens)
         self.text = ""
-        self.logprobs: list[dict[int, float]] = []
-        stops = [s for s in request.params.stop if s]
-        self.stops = stops
-        self.holdback = max((len(s) for s in stops), default=1) - 1
+        self.token_ids: list[int] = []
+        self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
+        self.stops = [s for s in params.stop if s]
+        self.holdback = max((len(s) for s in self.stops), default=1) - 1
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
         self.sent_chars = 0
         self.sent_tokens = 0
         self.sent_logprobs = 0
 
-    def append(self, result: Sampled) -> None:
-        r = self.request
-        r.output_ids.append(result.token_id)
-        if r.params.logprobs is not None:
-            self.logprobs.append(result.top_logprobs)
-        if result.token_id in r.stop_ids and len(r.output_ids) > r.params.min_tokens:
-            self.text += self.detok.flush()
-            r.finish("stop", result.token_id)
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def add(self, seq: SeqTokens) -> None:
+        if self.finished:
+            return  # sampled after a stop string ended this sample: never part of its output
+        last = len(seq.token_ids) - 1
+        for k, token_id in enumerate(seq.token_ids):
+            self.token_ids.append(token_id)
+            if self.logprobs is not None and seq.logprobs:
+                self.logprobs.append(seq.logprobs[k])
+            if k == last and seq.finish_reason == "stop" and seq.stop_reason == token_id:
+                break  # a stop token ends the sample; its text is not part of the output
+            self.text += self.detok.add(token_id)
+            if self._match_stop_string():
+                return
+        if seq.finish_reason is None:
             return
-        self.text += self.detok.add(result.token_id)
-        if self._match_stop_string():
-            return
-        if len(r.output_ids) >= r.max_tokens or r.num_tokens >= self.max_model_len:
+        if seq.finish_reason in ("stop", "length"):
             self.text += self.detok.flush()
-            if not self._match_stop_string():
-                r.finish("length")
+            # The last characters may complete a stop string only now.
+            if seq.finish_reason == "length" and self._match_stop_string():
+                return
+        self.finish_reason, self.stop_reason = seq.finish_reason, seq.stop_reason
 
     def _match_stop_string(self) -> bool:
-        r = self.request
-        if len(r.output_ids) < r.params.min_tokens:
+        if len(self.token_ids) < self.params.min_tokens:
             return False
         # Only the new tail can hold a new match: search from where one could begin.
         search_from = max(0, self.sent_chars - self.holdback - 1)
@@ -94,29 +136,74 @@ class OutputTracker:
         if best is None:
             return False
         at, stop = best
-        end = at + len(stop) if r.params.include_stop_str_in_output else at
+        end = at + len(stop) if self.params.include_stop_str_in_output else at
         self.text = self.text[:end]
-        r.finish("stop", stop)
+        self.finish_reason, self.stop_reason = "stop", stop
         return True
 
     def output(self) -> CompletionOutput:
         """The current state, with deltas since the previous call."""
-        r = self.request
-        visible = len(self.text) if r.finished else max(self.sent_chars, len(self.text) - self.holdback)
+        visible = len(self.text) if self.finished else max(self.sent_chars, len(self.text) - self.holdback)
         delta_text = self.text[self.sent_chars : visible]
         self.sent_chars = max(self.sent_chars, visible)
-        delta_tokens = r.output_ids[self.sent_tokens :]
-        self.sent_tokens = len(r.output_ids)
-        delta_logprobs = self.logprobs[self.sent_logprobs :]
-        self.sent_logprobs = len(self.logprobs)
+        delta_tokens = self.token_ids[self.sent_tokens :]
+        self.sent_tokens = len(self.token_ids)
+        delta_logprobs = []
+        if self.logprobs is not None:
+            delta_logprobs = self.logprobs[self.sent_logprobs :]
+            self.sent_logprobs = len(self.logprobs)
         return CompletionOutput(
             index=self.index,
             text=self.text[:visible],
-            token_ids=list(r.output_ids),
-            finish_reason=r.finish_reason,
-            stop_reason=r.stop_reason,
-            logprobs=list(self.logprobs) if r.params.logprobs is not None else None,
+            token_ids=list(self.token_ids),
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+            logprobs=list(self.logprobs) if self.logprobs is not None else None,
             delta_text=delta_text,
             delta_token_ids=delta_tokens,
             delta_logprobs=delta_logprobs,
         )
+
+
+class RequestText:
+    """Adds up one request's token outputs (RequestTokens, or the engine core's RequestDelta,
+    which has the same fields) into the RequestOutputs the doors return: cumulative text,
+    tokens and logprobs of all n samples, plus what is new since the previous output."""
+
+    def __init__(self, request_id: str, prompt_ids: list[int], prompt: str | None, params: SamplingParams,
+                 tokenizer: Tokenizer):
+        self.request_id = request_id
+        self.prompt_ids = prompt_ids
+        self.prompt = prompt
+        self.seqs = [SequenceText(params, tokenizer, i) for i in range(params.n)]
+        self.prompt_logprobs = None
+        self.engine_finished = False
+
+    @property
+    def finished(self) -> bool:
+        return self.engine_finished or all(s.finished for s in self.seqs)
+
+    def add(self, tokens: RequestTokens) -> tuple[RequestOutput, list[int]]:
+        """The output after `tokens`, and the samples a stop string ended here while the engine
+        still runs them: the caller stops those in the engine (Engine.abort of their
+        sequence_id), or they would go on taking KV blocks and steps for nothing."""
+        if tokens.prompt_logprobs is not None:
+            self.prompt_logprobs = tokens.prompt_logprobs
+        stopped = []
+        for seq in tokens.seqs:
+            s = self.seqs[seq.index]
+            was_finished = s.finished
+            s.add(seq)
+            if s.finished and not was_finished and seq.finish_reason is None:
+                stopped.append(seq.index)
+        self.engine_finished = self.engine_finished or tokens.finished
+        out = RequestOutput(
+            request_id=self.request_id,
+            prompt_token_ids=self.prompt_ids,
+            outputs=[s.output() for s in self.seqs],
+            finished=self.finished,
+            prompt=self.prompt,
+            num_cached_tokens=tokens.num_cached_tokens,
+            prompt_logprobs=self.prompt_logprobs,
+        )
+        return out, stopped

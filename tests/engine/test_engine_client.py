@@ -3,6 +3,7 @@ stop strings, aborts that free KV blocks, refusals before streaming, start-up fa
 why; EngineCore's failing step (in-process, no transport); image pixels as raw frames."""
 
 import asyncio
+import dataclasses
 import json
 
 import pytest
@@ -195,3 +196,90 @@ def test_pixels_travel_as_raw_frames():
     [image] = m.images_from_frames(request.images, [bytes(f) for f in frames])
     assert torch.equal(image.pixel_values, pixels) and image.patch_positions == [3, 4, 5]
     assert image.content_hash == b"hash" and request.params == GREEDY
+
+
+@pytest.fixture(scope="module")
+def llm(demo_dir):
+    return LLM(str(demo_dir), dtype="float32", device="cpu")
+
+
+def _stop_in_first_only(a: str, b: str) -> str:
+    """Three characters early in `a` that never occur in `b`."""
+    return next(a[k : k + 3] for k in range(2, len(a) - 3) if a[k : k + 3].strip() and a[k : k + 3] not in b)
+
+
+def _until(predicate, timeout_s: float = 4.0):
+    async def wait():
+        for _ in range(int(timeout_s / 0.02)):
+            if predicate():
+                return True
+            await asyncio.sleep(0.02)
+        return False
+
+    return wait()
+
+
+def test_stop_strings_are_matched_in_the_api_server_and_end_the_core_sample(engine, llm):
+    """The core sends token ids only; the client finds the stop string, cuts the text and the
+    tokens exactly as the in-process engine does (nothing sampled after the match leaks), and
+    aborts the sample in the core, which frees its blocks at once: with max_tokens=4000 the
+    core would otherwise run for a minute."""
+    prompt = _prompt(engine, "tell me a story")
+    full = llm.generate(prompt, GREEDY)[0].outputs[0].text
+    stop = full[4:7]
+    long = SamplingParams(max_tokens=4000, temperature=0, ignore_eos=True, stop=[stop])
+    ref = llm.generate(prompt, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, stop=[stop]))[0].outputs[0]
+
+    async def one():
+        streamed, last = await _collect(engine, prompt, long, "stop-one")
+        freed = await _until(lambda: engine.stats().num_running == 0 and engine.stats().kv_blocks_used == 0)
+        return streamed, last, freed
+
+    streamed, last, freed = asyncio.run(one())
+    got = last.outputs[0]
+    assert freed
+    assert (got.finish_reason, got.stop_reason) == ("stop", stop) == (ref.finish_reason, ref.stop_reason)
+    assert streamed == got.text == ref.text == full[: full.find(stop)]
+    assert got.token_ids == ref.token_ids and last.num_generated_tokens == len(ref.token_ids)
+
+    # n = 2: a stop string that ends the first sample only stops that sample in the core.
+    sampled = SamplingParams(max_tokens=16, temperature=1.0, seed=7, n=2, ignore_eos=True, logprobs=1)
+    a, b = (o.text for o in llm.generate(prompt, sampled)[0].outputs)
+    stop = _stop_in_first_only(a, b)
+    both = dataclasses.replace(sampled, stop=[stop], include_stop_str_in_output=True)
+    ref = llm.generate(prompt, both)[0].outputs
+
+    async def two():
+        stream = engine.generate(prompt, dataclasses.replace(both, max_tokens=4000), "stop-two")
+        async for out in stream:
+            first, second = out.outputs
+            if first.finished:
+                assert not second.finished
+                one_left = await _until(lambda: engine.stats().num_running == 1)
+                await stream.aclose()  # the other sample is aborted, as a client that leaves
+                return first, one_left, await _until(lambda: engine.stats().kv_blocks_used == 0)
+
+    first, one_left, freed = asyncio.run(two())
+    assert one_left and freed
+    assert (first.finish_reason, first.stop_reason) == ("stop", stop) == (ref[0].finish_reason, ref[0].stop_reason)
+    assert first.text == ref[0].text == a[: a.find(stop) + len(stop)]
+    assert first.token_ids == ref[0].token_ids and len(first.logprobs) == len(first.token_ids)
+    assert ref[1].finish_reason == "length" and len(ref[1].token_ids) == 16
+
+
+def test_aborting_one_sample(llm):
+    """Engine.abort of one sample's sequence id (what the API server sends when a stop string
+    ends it) frees that sample alone; the request ends with its last sample."""
+    engine = llm.engine
+    prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": "two of them"}])
+    engine.add_request(prompt, SamplingParams(max_tokens=50, temperature=1.0, seed=1, n=2, ignore_eos=True), "pair")
+    for _ in range(3):
+        engine.step_tokens()
+    assert engine.stats().num_running == 2
+    assert engine.abort("pair#0") is None  # the request goes on with its other sample
+    assert engine.stats().num_running == 1 and engine.has_request("pair")
+    progressed = engine.step_tokens()
+    assert [s.index for s in progressed[0].seqs] == [1]
+    assert engine.abort("pair#1") == "pair"  # its last sample: the request is over
+    assert not engine.has_request("pair") and engine.stats().kv_blocks_used == 0
+    assert engine.abort("pair") is None and not engine.has_unfinished()
